@@ -1,0 +1,221 @@
+"""Typed model configuration: every ablation switch of the paper is one validated field.
+
+`ModelConfig()` is the paper's COCO R50 model. Ablation variants are enum-like strings (typing.Literal);
+`ModelConfig.from_dict` rejects unknown keys, wrong types, values outside the allowed set and invalid
+combinations with one `ConfigError` that names the dotted key and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass
+from typing import Any, Literal
+
+QueryType = Literal["part", "instance"]
+Interaction = Literal["spegm", "mhsa", "dymlp_channel", "dymlp_spatial", "spatial_attention"]
+Iteration = Literal["selective", "sum", "concat", "none"]
+PartDim = Literal[128, 32, 64, 256]
+PartScheme = Literal["rigid7", "per_joint", "head_merged", "limbs5"]
+InstancePipeline = Literal["serial", "box_only"]
+KeypointHead = Literal["queries", "conv_gap_baseline"]
+Backbone = Literal[
+    "resnet50", "resnet18", "resnet10t", "resnet34", "resnet101", "hrnet_w32", "hrnet_w48", "swin_large"
+]
+Dataset = Literal["coco", "crowdpose"]
+
+
+class ConfigError(ValueError):
+    """A configuration value is unknown, mistyped, out of range or inconsistent; the message names the key."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    # The paper's ablation axes (Tables 1-6); defaults are the full COCO R50 model.
+    query_type: QueryType = "part"
+    interaction: Interaction = "spegm"
+    iteration: Iteration = "selective"
+    part_dim: PartDim = 128
+    part_scheme: PartScheme = "rigid7"
+    instance_pipeline: InstancePipeline = "serial"
+    keypoint_head: KeypointHead = "queries"  # conv_gap_baseline ignores query_type/interaction/iteration
+    num_queries: int = 100
+    backbone: Backbone = "resnet50"
+    num_stages: int = 6
+    dataset: Dataset = "coco"
+
+    # Backbone: random init unless a local weights file is given (loaded with weights_only=True).
+    backbone_weights: str | None = None
+    freeze_backbone_at: int = 2  # detectron2's FREEZE_AT: stem + first stage frozen (ResNets)
+
+    # Widths. The paper's values; tests and CPU demos shrink them.
+    hidden_dim: int = 256
+    ffn_dim: int = 2048
+    num_heads: int = 8
+    dynamic_dim: int = 64
+    tower_channels: int = 512
+    tower_convs: int = 6
+
+    # Set loss and matching (ARCHITECTURE.md section 2 "Losses").
+    cls_weight: float = 2.0
+    l1_weight: float = 5.0
+    giou_weight: float = 2.0
+    rle_weight: float = 1.0
+    keypoint_cost: float = 0.0  # weight of a (1 - OKS) matching term; 0 = the paper
+    focal_alpha: float = 0.25
+    focal_gamma: float = 2.0
+
+    # Inference.
+    test_short_side: int = 800
+    test_max_size: int = 1333
+    prune_queries_after_stage: int | None = None  # beyond the paper: keep top-k queries from this stage on
+    prune_keep: int = 20
+
+    def __post_init__(self) -> None:
+        validate_fields(self, "model")
+        self._check_ranges()
+        self._check_combinations()
+
+    def _check_ranges(self) -> None:
+        positive = ("num_queries", "num_stages", "hidden_dim", "ffn_dim", "num_heads", "dynamic_dim",
+                    "tower_channels", "tower_convs", "test_short_side", "test_max_size", "prune_keep")  # fmt: skip
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ConfigError(f"model.{name}: must be >= 1, got {getattr(self, name)}")
+        for name in ("cls_weight", "l1_weight", "giou_weight", "rle_weight", "keypoint_cost"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"model.{name}: must be >= 0, got {getattr(self, name)}")
+        if self.hidden_dim % self.num_heads:
+            raise ConfigError(f"model.hidden_dim: {self.hidden_dim} is not divisible by model.num_heads")
+        if self.part_dim % self.num_heads:
+            raise ConfigError(f"model.part_dim: {self.part_dim} is not divisible by model.num_heads")
+        if not 0 <= self.freeze_backbone_at <= 5:
+            raise ConfigError(f"model.freeze_backbone_at: must be in 0..5, got {self.freeze_backbone_at}")
+        if self.test_max_size < self.test_short_side:
+            raise ConfigError("model.test_max_size: must be >= model.test_short_side")
+        stage = self.prune_queries_after_stage
+        if stage is not None and not 1 <= stage < self.num_stages:
+            raise ConfigError(
+                f"model.prune_queries_after_stage: must be in 1..{self.num_stages - 1} "
+                f"(model.num_stages={self.num_stages}) or null, got {stage}"
+            )
+        if stage is not None and self.prune_keep > self.num_queries:
+            raise ConfigError(f"model.prune_keep: {self.prune_keep} exceeds model.num_queries={self.num_queries}")
+
+    def _check_combinations(self) -> None:
+        if self.keypoint_head == "conv_gap_baseline":
+            return
+        if self.query_type == "instance" and self.interaction == "spegm":
+            raise ConfigError(
+                "model.query_type='instance' cannot use model.interaction='spegm' (SPEGM makes part "
+                "embeddings); with instance queries use one of: mhsa, dymlp_channel, dymlp_spatial, "
+                "spatial_attention"
+            )
+        if self.query_type == "part" and self.interaction == "spatial_attention":
+            raise ConfigError(
+                "model.query_type='part' cannot use model.interaction='spatial_attention' (a single map for "
+                "the instance query); with part queries use one of: spegm, mhsa, dymlp_channel, dymlp_spatial"
+            )
+        if self.query_type == "instance" and self.iteration != "none":
+            raise ConfigError(
+                f"model.iteration={self.iteration!r} iterates part queries and needs model.query_type='part'; "
+                "with model.query_type='instance' set model.iteration='none'"
+            )
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], prefix: str = "model") -> ModelConfig:
+        return build_dataclass(cls, data, prefix)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# --- generic typed loading, shared with querypose_platform.config --------------------------------------------
+
+
+def build_dataclass(cls: type, data: Any, prefix: str) -> Any:
+    """Build dataclass `cls` from a plain dict, checking keys and types; errors name `prefix.key`."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {type(data).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(f"{_join(prefix, unknown[0])}: unknown key; allowed keys: {', '.join(fields)}")
+    hints = typing.get_type_hints(cls)
+    kwargs = {name: _coerce(hints[name], value, _join(prefix, name)) for name, value in data.items()}
+    return cls(**kwargs)
+
+
+def _join(prefix: str, key: str) -> str:
+    return f"{prefix}.{key}" if prefix else key
+
+
+def validate_fields(instance: Any, prefix: str) -> None:
+    """Type-check an already built dataclass (catches values passed straight to the constructor)."""
+    hints = typing.get_type_hints(type(instance))
+    for f in dataclasses.fields(instance):
+        _coerce(hints[f.name], getattr(instance, f.name), f"{prefix}.{f.name}")
+
+
+def _coerce(annotation: Any, value: Any, key: str) -> Any:
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if dataclasses.is_dataclass(annotation):
+        if isinstance(value, annotation):
+            return value
+        return build_dataclass(annotation, value, key)
+    if origin is Literal:
+        # bool is an int in Python; keep True from passing as 1.
+        if value in args and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: {value!r} is not allowed; allowed values: {', '.join(map(repr, args))}")
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(arg, value, key)
+            except ConfigError as error:
+                errors.append(str(error))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{key}: {value!r} matches none of {annotation}")
+    if origin in (list, tuple):
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
+        item_type = args[0] if args else Any
+        items = [_coerce(item_type, v, f"{key}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__} {value!r}")
+        value_type = args[1] if args else Any
+        return {k: _coerce(value_type, v, f"{key}.{k}") for k, v in value.items()}
+    if annotation is Any:
+        return value
+    if annotation is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # PyYAML reads `1e-4` (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: expected a number, got {type(value).__name__} {value!r}")
+    if annotation is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected an integer, got {type(value).__name__} {value!r}")
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true or false, got {type(value).__name__} {value!r}")
+    if annotation is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{key}: expected a string, got {type(value).__name__} {value!r}")
+    raise TypeError(f"{key}: unsupported annotation {annotation!r}")

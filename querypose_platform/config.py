@@ -1,0 +1,262 @@
+"""Experiment configuration: one YAML file = model + data + train + scaling + tracking + tune + run.
+
+`load_config(path, overrides)` reads the YAML with `yaml.safe_load`, applies dotted overrides such as
+`model.part_dim=64`, and validates everything (types, ranges, ablation values, grid cells) before any Ray
+work starts. Errors are `ConfigError`s that name the dotted key. This module imports no Ray, MLflow or
+torch, so a bad config fails fast.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from querypose.config import ConfigError, ModelConfig, build_dataclass
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+# Model keys a grid may vary: the paper's ablation axes plus the widths that make small CPU grids possible.
+GRID_AXES = (
+    "query_type", "interaction", "iteration", "part_dim", "part_scheme", "instance_pipeline",
+    "keypoint_head", "num_queries", "backbone", "num_stages", "keypoint_cost", "prune_queries_after_stage",
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class SyntheticConfig:
+    """The embedded default dataset, generated (and converted to shards) when `data.root` is missing."""
+
+    train_images: int = 200
+    val_images: int = 40
+    image_size: int = 320
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("train_images", "val_images", "image_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"data.synthetic.{name}: must be >= 1, got {getattr(self, name)}")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    root: str = "data/synthetic/shards"  # holds one converted shard set per split: <root>/<split>/
+    train_split: str = "train"
+    val_split: str = "val"
+    synthetic: SyntheticConfig | None = None
+    # Augmentation (ARCHITECTURE.md section 2): multi-scale short side, 50% crop, flip.
+    train_short_sides: list[int] = field(default_factory=lambda: list(range(480, 801, 32)))
+    train_max_size: int = 1333
+    flip_prob: float = 0.5
+    crop_prob: float = 0.5
+    crop_resize_sides: list[int] = field(default_factory=lambda: [400, 500, 600])
+    crop_size: list[int] = field(default_factory=lambda: [384, 600])
+    max_val_images: int | None = None
+
+    def __post_init__(self) -> None:
+        if not self.train_short_sides or min(self.train_short_sides) < 1:
+            raise ConfigError("data.train_short_sides: must be a non-empty list of positive sizes")
+        for name in ("flip_prob", "crop_prob"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ConfigError(f"data.{name}: must be in [0, 1], got {getattr(self, name)}")
+        if len(self.crop_size) != 2 or not 0 < self.crop_size[0] <= self.crop_size[1]:
+            raise ConfigError(f"data.crop_size: expected [min, max] with 0 < min <= max, got {self.crop_size}")
+        if not self.crop_resize_sides or min(self.crop_resize_sides) < 1:
+            raise ConfigError("data.crop_resize_sides: must be a non-empty list of positive sizes")
+
+    def split_uri(self, split: str) -> str:
+        return f"{self.root.rstrip('/')}/{split}"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    max_iters: int = 140_000
+    batch_size: int = 16  # global: split evenly over scaling.num_workers
+    lr: float = 2.5e-5
+    weight_decay: float = 1e-4
+    flow_lr_mult: float = 10.0
+    warmup_iters: int = 1000
+    warmup_factor: float = 0.01
+    lr_steps: list[int] = field(default_factory=lambda: [110_000, 130_000])
+    lr_gamma: float = 0.1
+    clip_grad: float = 1.0
+    amp: bool = True  # bf16 autocast on GPU; CPU always runs float32
+    log_every: int = 20
+    checkpoint_every: int = 5000
+    eval_every: int = 10_000
+    seed: int = 0
+    fail_at_iter: int | None = None  # fault injection for tests: the first attempt raises at this iteration
+
+    def __post_init__(self) -> None:
+        for name in ("max_iters", "batch_size", "log_every", "checkpoint_every", "eval_every"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"train.{name}: must be >= 1, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise ConfigError(f"train.lr: must be > 0, got {self.lr}")
+        if not 0 < self.warmup_factor <= 1:
+            raise ConfigError(f"train.warmup_factor: must be in (0, 1], got {self.warmup_factor}")
+        if list(self.lr_steps) != sorted(self.lr_steps):
+            raise ConfigError(f"train.lr_steps: must be increasing, got {self.lr_steps}")
+
+
+@dataclass(frozen=True)
+class ScalingConfig:
+    num_workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 1.0
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+
+    def __post_init__(self) -> None:
+        if self.num_workers < 1:
+            raise ConfigError(f"scaling.num_workers: must be >= 1, got {self.num_workers}")
+        if self.cpus_per_worker <= 0:
+            raise ConfigError(f"scaling.cpus_per_worker: must be > 0, got {self.cpus_per_worker}")
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    uri: str = f"sqlite:///{PROJECT_ROOT / 'mlruns.db'}"
+    artifact_location: str = str(PROJECT_ROOT / "mlartifacts")
+    experiment: str = "querypose"
+    system_metrics: bool = True
+
+
+@dataclass(frozen=True)
+class TuneConfig:
+    """The ablation grid: `axes` (cartesian product) and/or explicit `cells`, each a dict of model keys."""
+
+    axes: dict[str, list[Any]] = field(default_factory=dict)
+    cells: list[dict[str, Any]] = field(default_factory=list)
+    metric: str = "AP"
+    mode: Literal["max", "min"] = "max"
+    max_concurrent_trials: int = 1
+    register_model: str | None = "querypose-ablation-best"
+
+    def __post_init__(self) -> None:
+        for axis, values in self.axes.items():
+            _check_grid_key(axis, f"tune.axes.{axis}")
+            if not values:
+                raise ConfigError(f"tune.axes.{axis}: an axis needs at least one value")
+        for i, cell in enumerate(self.cells):
+            if not isinstance(cell, dict) or not cell:
+                raise ConfigError(f"tune.cells[{i}]: expected a non-empty mapping of model keys")
+            for key in cell:
+                _check_grid_key(key, f"tune.cells[{i}].{key}")
+        if self.max_concurrent_trials < 1:
+            raise ConfigError(f"tune.max_concurrent_trials: must be >= 1, got {self.max_concurrent_trials}")
+
+    def grid_cells(self) -> list[dict[str, Any]]:
+        """Every cell of the grid: explicit cells first, then the product of the axes, without repeats."""
+        product = [dict(zip(self.axes, values, strict=True)) for values in itertools.product(*self.axes.values())]
+        cells: list[dict[str, Any]] = []
+        for cell in list(self.cells) + (product if self.axes else []):
+            if cell not in cells:
+                cells.append(cell)
+        return cells
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    name: str = "querypose"
+    storage_path: str = str(PROJECT_ROOT / "ray_results")
+    max_failures: int = 2
+    num_to_keep: int = 2
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    scaling: ScalingConfig = field(default_factory=ScalingConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def __post_init__(self) -> None:
+        if self.train.batch_size % self.scaling.num_workers:
+            raise ConfigError(
+                f"train.batch_size: {self.train.batch_size} is not divisible by "
+                f"scaling.num_workers={self.scaling.num_workers} (the batch is global)"
+            )
+        for i, cell in enumerate(self.tune.grid_cells()):
+            try:
+                dataclasses.replace(self.model, **cell)
+            except ConfigError as error:
+                raise ConfigError(f"tune cell {i} {cell}: {error}") from None
+
+    @property
+    def per_worker_batch_size(self) -> int:
+        return self.train.batch_size // self.scaling.num_workers
+
+    def with_model(self, **changes: Any) -> ExperimentConfig:
+        return dataclasses.replace(self, model=dataclasses.replace(self.model, **changes))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ExperimentConfig:
+        return build_dataclass(cls, data, "")
+
+
+def _check_grid_key(key: str, where: str) -> None:
+    if key not in GRID_AXES:
+        raise ConfigError(f"{where}: unknown grid axis; allowed axes: {', '.join(GRID_AXES)}")
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """Apply `section.key=value` overrides (values parsed as YAML) to a nested dict, in place."""
+    for override in overrides:
+        key, sep, raw = override.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {override!r}: expected dotted.key=value, e.g. model.part_dim=64")
+        *parents, leaf = key.strip().split(".")
+        node = data
+        for part in parents:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"{key}: {part!r} is not a section")
+            node = child
+        node[leaf] = yaml.safe_load(raw)
+    return data
+
+
+def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:
+    """Load and validate an experiment YAML (None = all defaults), then apply dotted overrides."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as error:
+            raise ConfigError(f"config file {path}: not valid YAML: {error}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path}: expected a mapping of sections at the top level")
+        data = loaded or {}
+    apply_overrides(data, overrides)
+    _make_paths_absolute(data)
+    return ExperimentConfig.from_dict(data)
+
+
+def _make_paths_absolute(data: dict[str, Any]) -> None:
+    """Relative local paths are taken from the current directory: Ray Train workers run elsewhere."""
+    for section, key in (("data", "root"), ("run", "storage_path"), ("tracking", "artifact_location")):
+        value = data.get(section, {}).get(key) if isinstance(data.get(section), dict) else None
+        if isinstance(value, str) and "://" not in value and not Path(value).is_absolute():
+            data[section][key] = str(Path(value).resolve())
+    tracking = data.get("tracking")
+    if isinstance(tracking, dict) and isinstance(tracking.get("uri"), str):
+        uri = tracking["uri"]
+        if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+            tracking["uri"] = "sqlite:///" + str(Path(uri[len("sqlite:///") :]).resolve())

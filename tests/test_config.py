@@ -1,0 +1,126 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from querypose.config import ConfigError, ModelConfig
+from querypose_platform.config import ExperimentConfig, load_config
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((REPO / "experiments" / "configs").glob("*.yaml"))
+
+
+def test_defaults_are_the_paper_coco_r50_model():
+    cfg = ModelConfig()
+    assert (cfg.query_type, cfg.interaction, cfg.iteration) == ("part", "spegm", "selective")
+    assert (cfg.part_dim, cfg.part_scheme, cfg.instance_pipeline) == (128, "rigid7", "serial")
+    assert (cfg.num_queries, cfg.num_stages, cfg.backbone, cfg.dataset) == (100, 6, "resnet50", "coco")
+    assert (cfg.cls_weight, cfg.l1_weight, cfg.giou_weight, cfg.rle_weight) == (2.0, 5.0, 2.0, 1.0)
+
+
+def test_yaml_and_dotted_overrides(tmp_path):
+    path = tmp_path / "exp.yaml"
+    path.write_text("model:\n  part_dim: 64\n  dataset: crowdpose\ntrain:\n  max_iters: 10\n")
+    cfg = load_config(path, ["model.part_scheme=limbs5", "train.lr=1e-4", "scaling.num_workers=2"])
+    assert cfg.model.part_dim == 64 and cfg.model.dataset == "crowdpose"
+    assert cfg.model.part_scheme == "limbs5"
+    assert cfg.train.max_iters == 10 and cfg.train.lr == pytest.approx(1e-4)
+    assert cfg.per_worker_batch_size == 8
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["model.part_dim=48"], "model.part_dim: 48 is not allowed; allowed values: 128, 32, 64, 256"),
+        (["model.interaction=transformer"], "model.interaction: 'transformer' is not allowed"),
+        (["model.foo=1"], "model.foo: unknown key"),
+        (["bogus.x=1"], "bogus: unknown key"),
+        (["model.num_queries=ten"], "model.num_queries: expected an integer"),
+        (["model.num_queries=0"], "model.num_queries: must be >= 1"),
+        (["model.hidden_dim=100"], "model.hidden_dim: 100 is not divisible by model.num_heads"),
+        (["train.lr=fast"], "train.lr: expected a number"),
+        (["data.crop_prob=1.5"], "data.crop_prob: must be in [0, 1]"),
+        (["scaling.placement_strategy=RANDOM"], "scaling.placement_strategy: 'RANDOM' is not allowed"),
+        (["model.query_type=instance"], "model.query_type='instance' cannot use model.interaction='spegm'"),
+        (["model.interaction=spatial_attention"], "model.query_type='part' cannot use"),
+        (
+            ["model.query_type=instance", "model.interaction=mhsa"],
+            "model.iteration='selective' iterates part queries",
+        ),
+        (["model.prune_queries_after_stage=6"], "model.prune_queries_after_stage: must be in 1..5"),
+        (["train.batch_size=3", "scaling.num_workers=2"], "train.batch_size: 3 is not divisible"),
+        (["tune.axes.lr=[1, 2]"], "tune.axes.lr: unknown grid axis"),
+        (["tune.axes.part_dim=[]"], "tune.axes.part_dim: an axis needs at least one value"),
+        (["tune.cells=[{part_dim: 48}]"], "tune cell 0 {'part_dim': 48}: model.part_dim: 48 is not allowed"),
+        (["model"], "expected dotted.key=value"),
+    ],
+)
+def test_bad_values_name_the_key(overrides, message):
+    with pytest.raises(ConfigError) as error:
+        load_config(None, overrides)
+    assert message in str(error.value)
+
+
+def test_instance_queries_with_a_valid_interaction_load():
+    cfg = load_config(None, ["model.query_type=instance", "model.interaction=mhsa", "model.iteration=none"])
+    assert cfg.model.query_type == "instance"
+
+
+def test_constructor_also_validates():
+    with pytest.raises(ConfigError, match="model.part_scheme"):
+        ModelConfig(part_scheme="ten_parts")
+
+
+def test_grid_cells_product_and_explicit_cells():
+    cfg = load_config(
+        None,
+        ["tune.axes={part_dim: [32, 64], iteration: [none, sum]}", "tune.cells=[{part_dim: 32, iteration: none}]"],
+    )
+    cells = cfg.tune.grid_cells()
+    assert cells[0] == {"part_dim": 32, "iteration": "none"}
+    assert len(cells) == 4  # the explicit cell is also in the product: no repeats
+    assert {c["part_dim"] for c in cells} == {32, 64}
+
+
+def test_relative_paths_become_absolute(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(None, ["data.root=shards", "tracking.uri=sqlite:///runs.db", "run.storage_path=res"])
+    assert cfg.data.root == str(tmp_path / "shards")
+    assert cfg.tracking.uri == f"sqlite:///{tmp_path / 'runs.db'}"
+    assert cfg.run.storage_path == str(tmp_path / "res")
+    assert load_config(None, ["data.root=s3://bucket/shards"]).data.root == "s3://bucket/shards"
+
+
+def test_yaml_round_trip():
+    cfg = load_config(None, ["model.part_dim=32", "tune.axes.iteration=[none, selective]"])
+    again = ExperimentConfig.from_dict(__import__("yaml").safe_load(cfg.to_yaml()))
+    assert again == cfg
+
+
+def test_missing_and_malformed_files(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_shipped_configs_load(path):
+    load_config(path)
+
+
+def test_bad_config_fails_before_anything_heavy_is_imported():
+    """Validation imports neither torch nor ray, so a bad key fails in a fraction of a second."""
+    code = (
+        "import sys\n"
+        "from querypose_platform.config import load_config, ConfigError\n"
+        "try:\n    load_config(None, ['model.x=1'])\n"
+        "except ConfigError as e:\n    print(e)\n"
+        "print(sorted(m for m in ('torch', 'ray', 'mlflow', 'timm') if m in sys.modules))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
+    assert result.stdout.splitlines() == [result.stdout.splitlines()[0], "[]"]
+    assert result.stdout.startswith("model.x: unknown key")
