@@ -20,9 +20,7 @@ PartDim = Literal[128, 32, 64, 256]
 PartScheme = Literal["rigid7", "per_joint", "head_merged", "limbs5"]
 InstancePipeline = Literal["serial", "box_only"]
 KeypointHead = Literal["queries", "conv_gap_baseline"]
-Backbone = Literal[
-    "resnet50", "resnet18", "resnet10t", "resnet34", "resnet101", "hrnet_w32", "hrnet_w48", "swin_large"
-]
+Backbone = Literal["resnet50", "resnet18", "resnet10t", "resnet34", "resnet101", "hrnet_w32", "hrnet_w48", "swin_large"]
 Dataset = Literal["coco", "crowdpose"]
 
 

@@ -16,4 +16,3 @@ def pad_batch(images: list[torch.Tensor], size_divisor: int = 32) -> tuple[torch
     for i, img in enumerate(images):
         batch[i, :, : img.shape[-2], : img.shape[-1]] = img
     return batch, sizes
-

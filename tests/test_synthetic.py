@@ -1,0 +1,133 @@
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from querypose import synthetic
+from querypose.evaluation import evaluate_keypoints
+from querypose.keypoints import COCO, CROWDPOSE
+from querypose.synthetic import render_sample, write_synthetic_dataset
+
+
+@pytest.fixture(scope="module")
+def coco_set(tmp_path_factory):
+    return write_synthetic_dataset(tmp_path_factory.mktemp("syn") / "coco", 12, "coco", seed=3, image_size=160)
+
+
+def test_deterministic_for_a_seed(tmp_path, coco_set):
+    again = write_synthetic_dataset(tmp_path / "again", 12, "coco", seed=3, image_size=160)
+    assert again.read_bytes() == coco_set.read_bytes()
+    first = sorted((coco_set.parent / "images").iterdir())
+    second = sorted((again.parent / "images").iterdir())
+    assert [p.read_bytes() for p in first] == [p.read_bytes() for p in second]
+    other = write_synthetic_dataset(tmp_path / "other", 12, "coco", seed=4, image_size=160)
+    assert other.read_bytes() != coco_set.read_bytes()
+
+
+@pytest.mark.parametrize("spec", [COCO, CROWDPOSE], ids=["coco", "crowdpose"])
+def test_annotations_are_consistent(spec):
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        image, people = render_sample(rng, spec, 200, 150)
+        assert image.shape == (150, 200, 3) and image.dtype == np.uint8
+        assert 1 <= len(people) <= 6
+        for person in people:
+            x, y, w, h = person["bbox"]
+            assert x >= 0 and y >= 0 and x + w <= 200 + 1e-6 and y + h <= 150 + 1e-6 and w > 0 and h > 0
+            kp = np.array(person["keypoints"]).reshape(-1, 3)
+            assert kp.shape == (spec.num_keypoints, 3)
+            assert set(np.unique(kp[:, 2])) <= {0, 1, 2}
+            unlabelled = kp[:, 2] == 0
+            assert (kp[unlabelled, :2] == 0).all()
+            labelled = kp[~unlabelled]
+            assert person["num_keypoints"] == len(labelled) > 0
+            assert (labelled[:, 0] >= x - 1e-3).all() and (labelled[:, 0] <= x + w + 1e-3).all()
+            assert (labelled[:, 1] >= y - 1e-3).all() and (labelled[:, 1] <= y + h + 1e-3).all()
+
+
+def test_keypoints_are_visible_in_the_pixels():
+    """Each visible keypoint sits on its own marker colour, so the pixels there are that colour."""
+    rng = np.random.default_rng(1)
+    hits = total = 0
+    for _ in range(10):
+        image, people = render_sample(rng, COCO, 320, 320)
+        for person in people:
+            kp = np.array(person["keypoints"]).reshape(-1, 3)
+            for name, (x, y, v) in zip(COCO.keypoint_names, kp, strict=True):
+                if v != 2:
+                    continue
+                total += 1
+                pixel = image[int(y), int(x)].astype(int)
+                hits += np.abs(pixel - np.array(synthetic.MARKERS[name])).max() < 60
+    assert total > 50 and hits / total > 0.8
+
+
+def test_occlusion_and_truncation_are_labelled():
+    rng = np.random.default_rng(2)
+    v = np.concatenate(
+        [
+            np.array(p["keypoints"]).reshape(-1, 3)[:, 2]
+            for _ in range(40)
+            for p in render_sample(rng, COCO, 240, 240)[1]
+        ]
+    )
+    assert (v == 2).mean() > 0.6 and (v == 1).any() and (v == 0).any()
+
+
+def test_crowdpose_files_look_like_the_real_ones(tmp_path):
+    path = write_synthetic_dataset(tmp_path / "cp", 6, "crowdpose", seed=0, image_size=160)
+    data = json.loads(path.read_text())
+    assert all(0.0 <= image["crowdIndex"] <= 1.0 for image in data["images"])
+    assert all("area" not in ann for ann in data["annotations"])
+    assert data["categories"][0]["keypoints"] == list(CROWDPOSE.keypoint_names)
+    assert data["categories"][0]["skeleton"] == [[a + 1, b + 1] for a, b in CROWDPOSE.skeleton]
+
+
+@pytest.mark.parametrize("dataset", ["coco", "crowdpose"])
+def test_ground_truth_as_predictions_scores_one(tmp_path, dataset):
+    path = write_synthetic_dataset(tmp_path / dataset, 8, dataset, seed=5, image_size=160)
+    data = json.loads(path.read_text())
+    preds = [{"image_id": a["image_id"], "keypoints": a["keypoints"], "score": 1.0} for a in data["annotations"]]
+    metrics = evaluate_keypoints(path, preds, dataset)
+    for name in ("AP", "AP50", "AP75", "AR"):
+        assert metrics[name] == 1.0, name
+
+
+def test_interrupted_write_leaves_nothing(tmp_path, monkeypatch):
+    calls = {"n": 0}
+    real = synthetic.render_sample
+
+    def failing(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("disk on fire")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(synthetic, "render_sample", failing)
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        write_synthetic_dataset(tmp_path / "out", 5, "coco")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_refuses_to_overwrite_without_the_flag(tmp_path):
+    path = write_synthetic_dataset(tmp_path / "d", 3, "coco", image_size=96)
+    with pytest.raises(FileExistsError, match="overwrite"):
+        write_synthetic_dataset(tmp_path / "d", 2, "coco")
+    write_synthetic_dataset(tmp_path / "d", 2, "coco", overwrite=True, image_size=96)
+    assert len(json.loads(path.read_text())["images"]) == 2
+
+
+def test_command_line(tmp_path):
+    script = [sys.executable, "experiments/make_synthetic.py", "--out", str(tmp_path / "d"), "--images", "3"]
+    repo = Path(__file__).resolve().parents[1]
+    result = subprocess.run(
+        [*script, "--format", "crowdpose", "--size", "96"], capture_output=True, text=True, cwd=repo
+    )
+    assert result.returncode == 0, result.stderr
+    assert "wrote 3 crowdpose images" in result.stdout
+    assert len(list((tmp_path / "d" / "images").glob("*.jpg"))) == 3
+    again = subprocess.run(script, capture_output=True, text=True, cwd=repo)
+    assert again.returncode == 2 and "not empty" in again.stderr
