@@ -1,0 +1,69 @@
+"""Box helpers shared by the decoders, the matcher and the criterion."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torchvision.ops import roi_align
+from torchvision.ops.poolers import LevelMapper
+
+DELTA_WEIGHTS = (2.0, 2.0, 1.0, 1.0)
+SCALE_CLAMP = math.log(1000.0 / 16)
+
+
+def apply_deltas(deltas: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+    """Refine xyxy boxes (..., 4) by (dx, dy, dw, dh) deltas (..., 4) with weights (2, 2, 1, 1)."""
+    widths = boxes[..., 2] - boxes[..., 0]
+    heights = boxes[..., 3] - boxes[..., 1]
+    ctr_x = boxes[..., 0] + 0.5 * widths
+    ctr_y = boxes[..., 1] + 0.5 * heights
+    wx, wy, ww, wh = DELTA_WEIGHTS
+    dx, dy = deltas[..., 0] / wx, deltas[..., 1] / wy
+    dw = (deltas[..., 2] / ww).clamp(max=SCALE_CLAMP)
+    dh = (deltas[..., 3] / wh).clamp(max=SCALE_CLAMP)
+    pred_ctr_x, pred_ctr_y = dx * widths + ctr_x, dy * heights + ctr_y
+    pred_w, pred_h = torch.exp(dw) * widths, torch.exp(dh) * heights
+    return torch.stack(
+        [pred_ctr_x - 0.5 * pred_w, pred_ctr_y - 0.5 * pred_h, pred_ctr_x + 0.5 * pred_w, pred_ctr_y + 0.5 * pred_h],
+        dim=-1,
+    )
+
+
+def rois_from_boxes(boxes: torch.Tensor, batch_index: torch.Tensor) -> torch.Tensor:
+    """(R, 4) xyxy boxes and (R,) image indices -> (R, 5) RoIs in torchvision's (index, x1, y1, x2, y2) form."""
+    return torch.cat([batch_index.to(boxes.dtype)[:, None], boxes], dim=1)
+
+
+class MultiLevelRoIAlign(torch.nn.Module):
+    """RoIAlign over P2..P5 with the FPN level rule (canonical box 224 at level 4) and aligned=True.
+
+    torchvision's MultiScaleRoIAlign calls roi_align with aligned=False, so only its level mapping is reused.
+    """
+
+    def __init__(self, output_size: int, strides: tuple[int, ...] = (4, 8, 16, 32), sampling_ratio: int = 2):
+        super().__init__()
+        self.output_size = output_size
+        self.strides = strides
+        self.sampling_ratio = sampling_ratio
+        levels = [int(math.log2(s)) for s in strides]
+        self.mapper = LevelMapper(k_min=levels[0], k_max=levels[-1], canonical_scale=224, canonical_level=4)
+
+    def forward(self, features: list[torch.Tensor], rois: torch.Tensor) -> torch.Tensor:
+        """features: P2..P5 (B, C, H_l, W_l); rois (R, 5) -> pooled (R, C, S, S)."""
+        level_of_roi = self.mapper([rois[:, 1:]])  # (R,) level indices 0..3
+        out = features[0].new_zeros((rois.shape[0], features[0].shape[1], self.output_size, self.output_size))
+        for level, (feature, stride) in enumerate(zip(features, self.strides, strict=True)):
+            selected = torch.nonzero(level_of_roi == level).squeeze(1)
+            if selected.numel() == 0:
+                continue
+            pooled = roi_align(
+                feature,
+                rois[selected],
+                self.output_size,
+                spatial_scale=1.0 / stride,
+                sampling_ratio=self.sampling_ratio,
+                aligned=True,
+            )
+            out.index_copy_(0, selected, pooled.to(out.dtype))
+        return out

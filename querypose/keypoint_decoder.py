@@ -1,0 +1,169 @@
+"""One keypoint stage (paper eq. 2, Figure 3b): RoI tower -> instance branch -> part embeddings -> iteration ->
+part self-attention -> per-part heads. The variants of Tables 1, 2 and 3 are switches of this one module."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.ops import roi_align
+
+from querypose.box_decoder import FeedForward
+from querypose.box_ops import rois_from_boxes
+from querypose.config import ModelConfig
+from querypose.interactions import TOKEN_INTERACTIONS, DynamicConv
+from querypose.iteration import ITERATIONS, SelectiveIteration
+from querypose.keypoints import KeypointSpec
+from querypose.spegm import SPEGM
+
+POSE_POOL = 14
+P2_STRIDE = 4
+NUM_TOKENS = POSE_POOL * POSE_POOL
+
+
+def norm_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """x @ W^T / ||x|| + b: the product is divided by the input's L2 norm, so the output ignores x's scale."""
+    return F.linear(x, weight) / x.norm(dim=-1, keepdim=True).clamp_min(1e-6) + bias
+
+
+class NormLinear(nn.Linear):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return norm_linear(x, self.weight, self.bias)
+
+
+class PartHeads(nn.Module):
+    """Non-shared linear heads, one per part: part m regresses (mu, sigma) for its own |part m| keypoints.
+
+    All parts' weights sit in one tensor and each output coordinate gathers its part's query, so the heads
+    run as one batched op. queries (R, M, d_p) -> mu, sigma (R, K, 2) in keypoint order.
+    """
+
+    def __init__(self, part_dim: int, spec: KeypointSpec, scheme: str) -> None:
+        super().__init__()
+        parts = spec.parts(scheme)
+        part_of_keypoint = [m for m, part in enumerate(parts) for _ in part]  # in part order
+        self.register_buffer("part_of_output", torch.tensor(part_of_keypoint).repeat_interleave(2), persistent=False)
+        self.register_buffer("to_keypoint_order", torch.from_numpy(spec.inverse_part_order(scheme)), persistent=False)
+        outputs = 2 * spec.num_keypoints
+        self.mu_weight = nn.Parameter(torch.empty(outputs, part_dim))
+        self.mu_bias = nn.Parameter(torch.zeros(outputs))
+        self.sigma_weight = nn.Parameter(torch.empty(outputs, part_dim))
+        self.sigma_bias = nn.Parameter(torch.zeros(outputs))
+        nn.init.xavier_uniform_(self.mu_weight, gain=0.01)
+        nn.init.xavier_uniform_(self.sigma_weight)
+
+    def forward(self, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        per_output = queries[:, self.part_of_output]  # (R, 2K, d_p): each coordinate's own part query
+        norm = per_output.norm(dim=-1).clamp_min(1e-6)
+        mu = (per_output * self.mu_weight).sum(-1) / norm + self.mu_bias  # (R, 2K)
+        sigma = torch.sigmoid((per_output * self.sigma_weight).sum(-1) + self.sigma_bias)
+        num_rois = queries.shape[0]
+        mu = mu.view(num_rois, -1, 2)[:, self.to_keypoint_order]
+        sigma = sigma.view(num_rois, -1, 2)[:, self.to_keypoint_order]
+        return mu, sigma
+
+
+def roi_tower(dim: int, hidden: int, depth: int) -> nn.Sequential:
+    """depth x (3x3 conv + ReLU): dim -> hidden -> ... -> hidden -> dim."""
+    channels = [dim] + [hidden] * (depth - 1) + [dim]
+    layers: list[nn.Module] = []
+    for c_in, c_out in zip(channels[:-1], channels[1:], strict=True):
+        layers += [nn.Conv2d(c_in, c_out, 3, padding=1), nn.ReLU(inplace=True)]
+    return nn.Sequential(*layers)
+
+
+class KeypointStage(nn.Module):
+    def __init__(self, cfg: ModelConfig, spec: KeypointSpec) -> None:
+        super().__init__()
+        dim, part_dim = cfg.hidden_dim, cfg.part_dim
+        self.num_keypoints = spec.num_keypoints
+        self.mode = "baseline" if cfg.keypoint_head == "conv_gap_baseline" else cfg.query_type
+        self.tower = roi_tower(dim, cfg.tower_channels, cfg.tower_convs)
+        self.serial = cfg.instance_pipeline == "serial"
+        if self.serial:  # Fig. 3b: the instance query also reads the pose RoI and goes on to the next box stage
+            self.instance_conv = DynamicConv(dim, cfg.dynamic_dim, NUM_TOKENS)
+            self.instance_norm = nn.LayerNorm(dim)
+            self.instance_ffn = FeedForward(dim, cfg.ffn_dim)
+
+        if self.mode == "baseline":
+            self.baseline_head = nn.Linear(dim, 4 * spec.num_keypoints)
+        elif self.mode == "instance":
+            self.interaction = TOKEN_INTERACTIONS[cfg.interaction](dim, cfg.dynamic_dim, NUM_TOKENS, cfg.num_heads)
+            self.interaction_norm = nn.LayerNorm(dim)
+            self.interaction_ffn = FeedForward(dim, cfg.ffn_dim)
+            self.mu_head = NormLinear(dim, 2 * spec.num_keypoints)
+            self.sigma_head = nn.Linear(dim, 2 * spec.num_keypoints)
+        else:
+            num_parts = len(spec.parts(cfg.part_scheme))
+            self.num_parts, self.part_dim = num_parts, part_dim
+            self.instance_to_parts = nn.Linear(dim, num_parts * part_dim)  # Q_I's contribution to each part
+            if cfg.interaction == "spegm":
+                self.spegm = SPEGM(dim, part_dim, num_parts)
+            else:
+                self.token_projection = nn.Linear(dim, part_dim)
+                self.interaction = TOKEN_INTERACTIONS[cfg.interaction](
+                    part_dim, cfg.dynamic_dim, NUM_TOKENS, cfg.num_heads
+                )
+            self.iteration = ITERATIONS[cfg.iteration](part_dim)
+            self.part_attention = nn.MultiheadAttention(part_dim, cfg.num_heads, batch_first=True)
+            self.part_norm = nn.LayerNorm(part_dim)
+            self.part_ffn = FeedForward(part_dim, cfg.ffn_dim)
+            self.heads = PartHeads(part_dim, spec, cfg.part_scheme)
+
+    @property
+    def sim(self) -> SelectiveIteration | None:
+        iteration = getattr(self, "iteration", None)
+        return iteration if isinstance(iteration, SelectiveIteration) else None
+
+    def forward(
+        self,
+        p2: torch.Tensor,
+        boxes: torch.Tensor,
+        image_index: torch.Tensor,
+        instance_queries: torch.Tensor,
+        part_queries: torch.Tensor | None,
+    ) -> dict[str, torch.Tensor]:
+        """p2 (B, d, H/4, W/4); for R selected queries: boxes (R, 4) xyxy pixels, image_index (R,),
+        instance_queries (R, d), part_queries (R, M, d_p) or None.
+
+        Returns mu, sigma (R, K, 2) box-relative, the updated instance_queries (R, d) and, for part queries,
+        part_queries (R, M, d_p) and attention (R, M, 28, 28) when SPEGM is used.
+        """
+        rois = rois_from_boxes(boxes, image_index)
+        pooled = roi_align(p2, rois, POSE_POOL, spatial_scale=1 / P2_STRIDE, sampling_ratio=2, aligned=True)
+        features = self.tower(pooled)  # (R, d, 14, 14)
+        tokens = features.flatten(2).transpose(1, 2)  # (R, 196, d)
+        if self.serial:
+            instance_queries = self.instance_norm(instance_queries + self.instance_conv(instance_queries, tokens))
+            instance_queries = self.instance_ffn(instance_queries)
+        out = {"instance_queries": instance_queries}
+
+        if self.mode == "baseline":
+            raw = self.baseline_head(features.mean(dim=(2, 3))).view(-1, self.num_keypoints, 4)
+            out["mu"], out["sigma"] = raw[..., :2], torch.sigmoid(raw[..., 2:])
+        elif self.mode == "instance":
+            query = instance_queries[:, None]  # (R, 1, d)
+            query = self.interaction_norm(query + self.interaction(query, tokens))
+            query = self.interaction_ffn(query)[:, 0]
+            out["mu"] = self.mu_head(query).view(-1, self.num_keypoints, 2)
+            out["sigma"] = torch.sigmoid(self.sigma_head(query)).view(-1, self.num_keypoints, 2)
+        else:
+            out.update(self._part_forward(features, tokens, instance_queries, part_queries))
+        return out
+
+    def _part_forward(
+        self, features: torch.Tensor, tokens: torch.Tensor, instance_queries: torch.Tensor, previous: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        context = self.instance_to_parts(instance_queries).view(-1, self.num_parts, self.part_dim)  # (R, M, d_p)
+        out = {}
+        if hasattr(self, "spegm"):
+            embeddings, out["attention"] = self.spegm(features)
+            embeddings = embeddings + context
+        else:
+            embeddings = self.interaction(previous + context, self.token_projection(tokens))
+        queries = self.iteration(embeddings, previous)  # (R, M, d_p)
+        attended = self.part_attention(queries, queries, queries, need_weights=False)[0]
+        queries = self.part_ffn(self.part_norm(queries + attended))
+        out["part_queries"] = queries
+        out["mu"], out["sigma"] = self.heads(queries)
+        return out

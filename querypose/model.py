@@ -1,0 +1,234 @@
+"""QueryPose: backbone + FPN, S box stages and S keypoint stages, matched in training, NMS-free at inference."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.ops import box_convert
+
+from querypose.backbone import Backbone
+from querypose.box_decoder import BoxStage
+from querypose.config import ModelConfig
+from querypose.flow import RealNVP
+from querypose.keypoint_decoder import KeypointStage
+from querypose.keypoints import get_spec
+from querypose.matcher import HungarianMatcher
+from querypose.transforms import pad_batch
+
+PIXEL_MEAN = (123.675, 116.28, 103.53)
+PIXEL_STD = (58.395, 57.12, 57.375)
+
+
+def decode_keypoints(mu: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+    """Box-relative mu (R, K, 2) -> pixels: x = (mu_x + 0.5) * w + x1, likewise y."""
+    size = (boxes[:, 2:] - boxes[:, :2])[:, None]  # (R, 1, 2)
+    return (mu + 0.5) * size + boxes[:, None, :2]
+
+
+def encode_keypoints(keypoints: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+    """Pixels (R, K, 2) -> box-relative targets (x - x1) / w - 0.5; the inverse of decode_keypoints."""
+    size = (boxes[:, 2:] - boxes[:, :2]).clamp_min(1e-6)[:, None]
+    return (keypoints - boxes[:, None, :2]) / size - 0.5
+
+
+class QueryPose(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.spec = get_spec(cfg.dataset)
+        self.uses_part_queries = cfg.keypoint_head == "queries" and cfg.query_type == "part"
+        num_parts = len(self.spec.parts(cfg.part_scheme))
+        self.backbone = Backbone(cfg)
+        self.box_stages = nn.ModuleList(BoxStage(cfg) for _ in range(cfg.num_stages))
+        self.keypoint_stages = nn.ModuleList(KeypointStage(cfg, self.spec) for _ in range(cfg.num_stages))
+        self.init_boxes = nn.Embedding(cfg.num_queries, 4)
+        self.init_features = nn.Embedding(cfg.num_queries, cfg.hidden_dim)
+        if self.uses_part_queries:
+            self.init_part_queries = nn.Embedding(num_parts, cfg.part_dim)
+        self.flow = RealNVP()  # training only: the RLE loss's density of residuals
+        self.matcher = HungarianMatcher.from_config(cfg)
+        self.register_buffer("pixel_mean", torch.tensor(PIXEL_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(PIXEL_STD).view(1, 3, 1, 1), persistent=False)
+        self._reset_parameters()
+
+    def _reset_parameters(self) -> None:
+        nn.init.constant_(self.init_boxes.weight[:, :2], 0.5)  # (cx, cy, w, h) = whole image
+        nn.init.constant_(self.init_boxes.weight[:, 2:], 1.0)
+
+    # --- shared by training and inference -------------------------------------------------------------------
+
+    def _features(self, images: torch.Tensor, image_sizes: torch.Tensor) -> list[torch.Tensor]:
+        normalised = (images - self.pixel_mean) / self.pixel_std
+        # Padding stays zero after normalisation, as if the image had been normalised before padding.
+        rows = torch.arange(images.shape[2], device=images.device)[None, :, None] < image_sizes[:, 0, None, None]
+        cols = torch.arange(images.shape[3], device=images.device)[None, None, :] < image_sizes[:, 1, None, None]
+        return self.backbone(normalised * (rows & cols)[:, None].to(normalised.dtype))
+
+    def _initial_state(self, image_sizes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        batch = image_sizes.shape[0]
+        whwh = image_sizes.flip(1).repeat(1, 2).to(self.init_boxes.weight)  # (B, 4) = (w, h, w, h)
+        boxes = box_convert(self.init_boxes.weight, "cxcywh", "xyxy")[None] * whwh[:, None]  # (B, N, 4)
+        instance = self.init_features.weight[None].expand(batch, -1, -1)  # (B, N, d)
+        parts = None
+        if self.uses_part_queries:
+            parts = self.init_part_queries.weight[None, None].expand(batch, self.cfg.num_queries, -1, -1)  # (B,N,M,dp)
+        return boxes, instance, parts
+
+    def _keypoint_stage(self, stage, p2, boxes, instance, parts, batch_index, query_index):
+        """Run keypoint stage `stage` on the selected (batch_index, query_index) queries and scatter the updated
+        query state back, so each query's part state stays its own across stages."""
+        out = self.keypoint_stages[stage](
+            p2,
+            boxes[batch_index, query_index],
+            batch_index,
+            instance[batch_index, query_index],
+            None if parts is None else parts[batch_index, query_index],
+        )
+        instance = instance.index_put((batch_index, query_index), out["instance_queries"])
+        if parts is not None:
+            parts = parts.index_put((batch_index, query_index), out["part_queries"])
+        return out, instance, parts
+
+    # --- training ------------------------------------------------------------------------------------------
+
+    def forward(
+        self, images: torch.Tensor, image_sizes: torch.Tensor, targets: list[dict[str, torch.Tensor]]
+    ) -> dict[str, list[dict]]:
+        """images (B, 3, H, W) float 0..255 RGB, zero-padded; image_sizes (B, 2) [h, w]; targets: B dicts with
+        "boxes" (P, 4) xyxy pixels and "keypoints" (P, K, 3).
+
+        Returns {"stages": [...]}, per stage: logits (B, N), boxes (B, N, 4), indices (B pairs of matched
+        (pred_idx, gt_idx)), keypoint_mu / keypoint_sigma (T, K, 2) for the T matched queries in indices order,
+        keypoint_boxes (T, 4) the detached boxes they are relative to.
+        """
+        features = self._features(images, image_sizes)
+        boxes, instance, parts = self._initial_state(image_sizes)
+        stages = []
+        for stage in range(self.cfg.num_stages):
+            logits, refined, instance = self.box_stages[stage](features, boxes, instance)
+            boxes = refined.detach()
+            if self.cfg.keypoint_cost > 0:
+                stage_out = self._match_on_poses(
+                    stage, features[0], logits, boxes, instance, parts, targets, image_sizes
+                )
+                out, instance, parts, indices, batch_index, query_index = stage_out
+            else:
+                indices = self.matcher(logits, refined, targets, image_sizes)
+                batch_index, query_index = _flatten_indices(indices, boxes.device)
+                out, instance, parts = self._keypoint_stage(
+                    stage, features[0], boxes, instance, parts, batch_index, query_index
+                )
+            stages.append(
+                {
+                    "logits": logits,
+                    "boxes": refined,
+                    "indices": indices,
+                    "keypoint_mu": out["mu"],
+                    "keypoint_sigma": out["sigma"],
+                    "keypoint_boxes": boxes[batch_index, query_index],
+                }
+            )
+        return {"stages": stages}
+
+    def _match_on_poses(self, stage, p2, logits, boxes, instance, parts, targets, image_sizes):
+        """keypoint_cost > 0: poses at stage s depend only on B^s, so run all N queries, then match on boxes and
+        poses together and keep the matched rows' outputs."""
+        batch, num_queries = logits.shape
+        all_batch = torch.arange(batch, device=boxes.device).repeat_interleave(num_queries)
+        all_query = torch.arange(num_queries, device=boxes.device).repeat(batch)
+        out, instance, parts = self._keypoint_stage(stage, p2, boxes, instance, parts, all_batch, all_query)
+        pixels = decode_keypoints(out["mu"], boxes.reshape(-1, 4)).view(batch, num_queries, -1, 2)
+        indices = self.matcher(logits, boxes, targets, image_sizes, keypoints=pixels)
+        batch_index, query_index = _flatten_indices(indices, boxes.device)
+        rows = batch_index * num_queries + query_index
+        selected = {"mu": out["mu"][rows], "sigma": out["sigma"][rows]}
+        return selected, instance, parts, indices, batch_index, query_index
+
+    # --- inference -----------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def inference(
+        self, images: torch.Tensor, image_sizes: torch.Tensor, return_attention: bool = False
+    ) -> list[dict[str, torch.Tensor]]:
+        """All queries through every stage; the last stage's poses per image, best first, no NMS.
+
+        Returns per image: boxes (N', 4) and keypoints (N', K, 3) [x, y, 1 - sigma] in input pixels, scores (N',)
+        = sigmoid(cls) * mean_k(1 - sigma_k), and attention (N', M, 28, 28) on request (SPEGM models).
+        N' = N, or prune_keep when prune_queries_after_stage is set.
+        """
+        features = self._features(images, image_sizes)
+        boxes, instance, parts = self._initial_state(image_sizes)
+        batch = images.shape[0]
+        for stage in range(self.cfg.num_stages):
+            logits, boxes, instance = self.box_stages[stage](features, boxes, instance)
+            num_queries = boxes.shape[1]
+            batch_index = torch.arange(batch, device=boxes.device).repeat_interleave(num_queries)
+            query_index = torch.arange(num_queries, device=boxes.device).repeat(batch)
+            out, instance, parts = self._keypoint_stage(
+                stage, features[0], boxes, instance, parts, batch_index, query_index
+            )
+            if self.cfg.prune_queries_after_stage == stage + 1:
+                keep = logits.topk(self.cfg.prune_keep, dim=1).indices  # (B, k)
+                boxes, instance, logits = _gather(boxes, keep), _gather(instance, keep), _gather(logits, keep)
+                parts = None if parts is None else _gather(parts, keep)
+                rows = (torch.arange(batch, device=keep.device)[:, None] * num_queries + keep).reshape(-1)
+                out = {k: v[rows] for k, v in out.items() if k != "instance_queries"}
+        return self._postprocess(logits, boxes, out, return_attention)
+
+    def _postprocess(self, logits, boxes, out, return_attention):
+        batch, num_queries = logits.shape
+        sigma = out["sigma"].view(batch, num_queries, -1, 2)
+        confidence = 1 - sigma.mean(-1)  # (B, N, K)
+        scores = logits.sigmoid() * confidence.mean(-1)  # (B, N)
+        pixels = decode_keypoints(out["mu"], boxes.reshape(-1, 4)).view(batch, num_queries, -1, 2)
+        keypoints = torch.cat([pixels, confidence[..., None]], dim=-1)
+        results = []
+        for b in range(batch):
+            order = scores[b].argsort(descending=True)
+            result = {"boxes": boxes[b, order], "keypoints": keypoints[b, order], "scores": scores[b, order]}
+            if return_attention and "attention" in out:
+                result["attention"] = out["attention"].view(batch, num_queries, *out["attention"].shape[1:])[b, order]
+            results.append(result)
+        return results
+
+    @torch.no_grad()
+    def predict(self, images: list[torch.Tensor], return_attention: bool = False) -> list[dict[str, torch.Tensor]]:
+        """CHW float 0..255 RGB images of any sizes -> per image poses in that image's own pixels."""
+        device = self.pixel_mean.device
+        resized, scales = [], []
+        for image in images:
+            height, width = image.shape[-2:]
+            scale = min(self.cfg.test_short_side / min(height, width), self.cfg.test_max_size / max(height, width))
+            size = (round(height * scale), round(width * scale))
+            resized.append(
+                F.interpolate(image[None].float().to(device), size=size, mode="bilinear", align_corners=False)[0]
+            )
+            scales.append(torch.tensor([size[1] / width, size[0] / height], device=device))
+        batch, image_sizes = pad_batch(resized)
+        results = self.inference(batch, image_sizes.to(device), return_attention)
+        for result, (sx, sy), image in zip(results, scales, images, strict=True):
+            height, width = image.shape[-2:]
+            result["boxes"] = result["boxes"] / torch.stack([sx, sy, sx, sy])
+            result["boxes"][:, 0::2] = result["boxes"][:, 0::2].clamp(0, width)
+            result["boxes"][:, 1::2] = result["boxes"][:, 1::2].clamp(0, height)
+            result["keypoints"][..., 0] /= sx
+            result["keypoints"][..., 1] /= sy
+        return results
+
+
+def _flatten_indices(indices, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Matched pairs per image -> (batch_index, query_index), image by image in indices order."""
+    batch_index = torch.cat([torch.full_like(pred, b) for b, (pred, _) in enumerate(indices)]).to(device)
+    query_index = torch.cat([pred for pred, _ in indices]).to(device)
+    return batch_index, query_index
+
+
+def _gather(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """x (B, N, ...) and keep (B, k) -> (B, k, ...)."""
+    index = keep.view(*keep.shape, *([1] * (x.dim() - 2))).expand(*keep.shape, *x.shape[2:])
+    return torch.gather(x, 1, index)
+
+
+def build_model(cfg: ModelConfig) -> QueryPose:
+    return QueryPose(cfg)
