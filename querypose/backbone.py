@@ -75,9 +75,14 @@ def load_backbone_weights(body: nn.Module, path: str | Path) -> None:
         state = state["state_dict"]
     if not isinstance(state, dict):
         raise ValueError(f"backbone weights file {path} does not hold a state_dict")
-    expected = body.state_dict()
-    # A classification checkpoint also carries the head (fc.*); the features-only model has no use for it.
-    state = {k: v for k, v in state.items() if k in expected or not k.startswith(("fc.", "head", "classifier"))}
+    # BatchNorm's step counter means nothing to frozen statistics; a classification checkpoint's head (fc.*) has
+    # no place in a features-only model.
+    expected = {k: v for k, v in body.state_dict().items() if not k.endswith("num_batches_tracked")}
+    state = {
+        k: v
+        for k, v in state.items()
+        if not k.endswith("num_batches_tracked") and (k in expected or not k.startswith(("fc.", "head", "classifier")))
+    }
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:
@@ -86,4 +91,4 @@ def load_backbone_weights(body: nn.Module, path: str | Path) -> None:
             f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
             f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}"
         )
-    body.load_state_dict(state)
+    body.load_state_dict(state, strict=False)

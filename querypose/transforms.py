@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import cv2
+import numpy as np
 import torch
 
 
@@ -16,3 +18,100 @@ def pad_batch(images: list[torch.Tensor], size_divisor: int = 32) -> tuple[torch
     for i, img in enumerate(images):
         batch[i, :, : img.shape[-2], : img.shape[-1]] = img
     return batch, sizes
+
+
+# --- numpy augmentation -----------------------------------------------------------------------------------------
+# A sample is a dict: "image" uint8 (H, W, 3) RGB, "boxes" float32 (P, 4) xyxy pixels, "keypoints" float32
+# (P, K, 3) [x, y, v] pixels with x = y = 0 where v = 0; other keys pass through unchanged.
+
+
+def hflip(sample: dict, flip_index: np.ndarray) -> dict:
+    """Mirror horizontally: x -> width - x, left and right keypoints swapped."""
+    width = sample["image"].shape[1]
+    boxes = sample["boxes"].copy()
+    boxes[:, [0, 2]] = width - sample["boxes"][:, [2, 0]]
+    keypoints = sample["keypoints"][:, flip_index].copy()
+    labelled = keypoints[..., 2] > 0
+    keypoints[..., 0] = np.where(labelled, width - keypoints[..., 0], 0.0)
+    return {**sample, "image": np.ascontiguousarray(sample["image"][:, ::-1]), "boxes": boxes, "keypoints": keypoints}
+
+
+def resize_scale(height: int, width: int, short_side: int, max_size: int) -> float:
+    return min(short_side / min(height, width), max_size / max(height, width))
+
+
+def resize(sample: dict, short_side: int, max_size: int) -> dict:
+    """Resize so the short side is `short_side` and the long side at most `max_size`, keeping the aspect ratio."""
+    height, width = sample["image"].shape[:2]
+    scale = resize_scale(height, width, short_side, max_size)
+    new_w, new_h = max(1, round(width * scale)), max(1, round(height * scale))
+    image = cv2.resize(sample["image"], (new_w, new_h), interpolation=cv2.INTER_LINEAR)
+    sx, sy = new_w / width, new_h / height
+    boxes = sample["boxes"] * np.array([sx, sy, sx, sy], np.float32)
+    keypoints = sample["keypoints"].copy()
+    keypoints[..., 0] *= sx
+    keypoints[..., 1] *= sy
+    return {**sample, "image": image, "boxes": boxes.astype(np.float32), "keypoints": keypoints}
+
+
+def crop(sample: dict, x0: int, y0: int, width: int, height: int) -> dict:
+    """Cut the window [x0, x0 + width) x [y0, y0 + height); keypoints outside become unlabelled, boxes are
+    clipped, and people whose box is left empty are dropped."""
+    image = sample["image"][y0 : y0 + height, x0 : x0 + width]
+    height, width = image.shape[:2]
+    offset = np.array([x0, y0, x0, y0], np.float32)
+    boxes = (sample["boxes"] - offset).clip(0, np.array([width, height, width, height], np.float32))
+    keypoints = sample["keypoints"].copy()
+    keypoints[..., 0] -= x0
+    keypoints[..., 1] -= y0
+    inside = (
+        (keypoints[..., 0] >= 0) & (keypoints[..., 0] < width) & (keypoints[..., 1] >= 0) & (keypoints[..., 1] < height)
+    )
+    keep_point = inside & (keypoints[..., 2] > 0)
+    keypoints[~keep_point] = 0.0
+    keep = (boxes[:, 2] - boxes[:, 0] > 1) & (boxes[:, 3] - boxes[:, 1] > 1)
+    return {**sample, "image": np.ascontiguousarray(image), "boxes": boxes[keep], "keypoints": keypoints[keep]}
+
+
+def train_augment(
+    sample: dict,
+    rng: np.random.Generator,
+    flip_index: np.ndarray,
+    short_sides: tuple[int, ...] = tuple(range(480, 801, 32)),
+    max_size: int = 1333,
+    flip_prob: float = 0.5,
+    crop_prob: float = 0.5,
+    crop_resize_sides: tuple[int, ...] = (400, 500, 600),
+    crop_size: tuple[int, int] = (384, 600),
+) -> dict:
+    """The paper's training augmentation: flip, with probability crop_prob a crop (resize the short side to one
+    of crop_resize_sides, cut a random window of crop_size), then the multi-scale resize."""
+    if rng.random() < flip_prob:
+        sample = hflip(sample, flip_index)
+    if rng.random() < crop_prob:
+        sample = resize(sample, int(rng.choice(crop_resize_sides)), 1 << 30)
+        height, width = sample["image"].shape[:2]
+        crop_h = min(height, int(rng.integers(crop_size[0], crop_size[1] + 1)))
+        crop_w = min(width, int(rng.integers(crop_size[0], crop_size[1] + 1)))
+        y0 = int(rng.integers(0, height - crop_h + 1))
+        x0 = int(rng.integers(0, width - crop_w + 1))
+        sample = crop(sample, x0, y0, crop_w, crop_h)
+    return resize(sample, int(rng.choice(short_sides)), max_size)
+
+
+def eval_resize(sample: dict, short_side: int = 800, max_size: int = 1333) -> dict:
+    """Test-time resize; records the scale (resized / original) so predictions map back to original pixels."""
+    height, width = sample["image"].shape[:2]
+    resized = resize(sample, short_side, max_size)
+    new_h, new_w = resized["image"].shape[:2]
+    return {**resized, "scale": np.array([new_w / width, new_h / height], np.float32)}
+
+
+def sample_to_target(sample: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """(CHW float32 0..255 image tensor, {"boxes": (P, 4), "keypoints": (P, K, 3)}) for the model."""
+    image = torch.from_numpy(np.ascontiguousarray(sample["image"])).permute(2, 0, 1).float()
+    target = {
+        "boxes": torch.from_numpy(np.asarray(sample["boxes"], np.float32)).reshape(-1, 4),
+        "keypoints": torch.from_numpy(np.asarray(sample["keypoints"], np.float32)),
+    }
+    return image, target

@@ -1,0 +1,221 @@
+import dataclasses
+
+import pytest
+import torch
+
+from querypose import ModelConfig, build_model
+from querypose.keypoint_decoder import NormLinear, PartHeads
+from querypose.keypoints import COCO, CROWDPOSE, PART_SCHEMES
+from querypose.model import decode_keypoints, encode_keypoints
+from querypose.spegm import SPEGM
+
+TINY = ModelConfig(
+    backbone="resnet10t",
+    hidden_dim=32,
+    ffn_dim=64,
+    dynamic_dim=8,
+    tower_channels=32,
+    tower_convs=2,
+    num_queries=6,
+    num_stages=2,
+    part_dim=32,
+    test_short_side=96,
+    test_max_size=128,
+)
+
+
+def _batch(num_keypoints=17):
+    torch.manual_seed(0)
+    images = torch.rand(2, 3, 96, 128) * 255
+    image_sizes = torch.tensor([[96, 128], [80, 100]])
+    keypoints = torch.rand(2, num_keypoints, 3) * 40 + 20
+    keypoints[..., 2] = 2
+    targets = [
+        {"boxes": torch.tensor([[10.0, 10.0, 70.0, 90.0], [50.0, 5.0, 120.0, 80.0]]), "keypoints": keypoints},
+        {"boxes": torch.zeros(0, 4), "keypoints": torch.zeros(0, num_keypoints, 3)},
+    ]
+    return images, image_sizes, targets
+
+
+VARIANTS = [
+    {},
+    {"query_type": "instance", "interaction": "mhsa", "iteration": "none"},
+    {"query_type": "instance", "interaction": "dymlp_channel", "iteration": "none"},
+    {"query_type": "instance", "interaction": "dymlp_spatial", "iteration": "none"},
+    {"query_type": "instance", "interaction": "spatial_attention", "iteration": "none"},
+    {"interaction": "mhsa"},
+    {"interaction": "dymlp_channel"},
+    {"interaction": "dymlp_spatial"},
+    *({"iteration": it} for it in ("sum", "concat", "none")),
+    *({"part_dim": d} for d in (32, 64, 128, 256)),
+    *({"part_scheme": s, "dataset": ds} for s in PART_SCHEMES for ds in ("coco", "crowdpose")),
+    {"instance_pipeline": "box_only"},
+    {"keypoint_head": "conv_gap_baseline"},
+    {"num_queries": 3},
+    {"num_stages": 1},
+    {"num_stages": 3},
+    {"keypoint_cost": 1.0},
+]
+
+
+@pytest.mark.parametrize("change", VARIANTS, ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()) or "default")
+def test_every_variant_trains_and_predicts(change):
+    cfg = dataclasses.replace(TINY, **change)
+    model = build_model(cfg)
+    num_keypoints = 17 if cfg.dataset == "coco" else 14
+    images, image_sizes, targets = _batch(num_keypoints)
+    outputs = model(images, image_sizes, targets)
+    assert len(outputs["stages"]) == cfg.num_stages
+    loss = 0.0
+    for stage in outputs["stages"]:
+        assert stage["logits"].shape == (2, cfg.num_queries)
+        assert stage["boxes"].shape == (2, cfg.num_queries, 4)
+        matched = sum(len(p) for p, _ in stage["indices"])
+        assert matched == min(cfg.num_queries, 2)
+        assert stage["keypoint_mu"].shape == (matched, num_keypoints, 2)
+        assert stage["keypoint_sigma"].shape == (matched, num_keypoints, 2)
+        assert stage["keypoint_boxes"].shape == (matched, 4)
+        assert not stage["keypoint_boxes"].requires_grad
+        loss = (
+            loss
+            + stage["logits"].sum()
+            + stage["boxes"].sum()
+            + stage["keypoint_mu"].sum()
+            + stage["keypoint_sigma"].sum()
+        )
+    loss.backward()
+    grads = [p.grad for p in model.keypoint_stages[-1].parameters() if p.requires_grad]
+    assert any(g is not None and g.abs().sum() > 0 for g in grads)
+    model.eval()
+    poses = model.predict([images[0], images[1, :, :80, :100]])
+    assert poses[1]["keypoints"].shape == (cfg.num_queries, num_keypoints, 3)
+
+
+def test_default_coco_model_builds_in_one_call():
+    model = build_model(ModelConfig())
+    assert model.cfg.backbone == "resnet50" and len(model.box_stages) == len(model.keypoint_stages) == 6
+    assert all(stage.spegm is not None and stage.sim is not None for stage in model.keypoint_stages)
+    assert model.init_boxes.weight.shape == (100, 4) and model.init_part_queries.weight.shape == (7, 128)
+    frozen = [n for n, p in model.backbone.body.named_parameters() if not p.requires_grad]
+    assert any(n.startswith("conv1") for n in frozen) and any(n.startswith("layer1") for n in frozen)
+    assert not any(n.startswith("layer2") for n in frozen)
+
+
+def test_spegm_and_flow_parameter_counts():
+    assert sum(p.numel() for p in SPEGM(256, 128, 7).parameters()) == 1_098_119
+    assert sum(p.numel() for p in build_model(TINY).flow.parameters()) == 53_784
+
+
+def test_norm_linear_is_scale_invariant():
+    layer = NormLinear(16, 4)
+    x = torch.randn(5, 16)
+    torch.testing.assert_close(layer(x), layer(7.5 * x))
+    expected = x @ layer.weight.T / x.norm(dim=-1, keepdim=True) + layer.bias
+    torch.testing.assert_close(layer(x), expected)
+
+
+def test_sim_gates_and_spegm_attention():
+    model = build_model(TINY).eval()
+    images, image_sizes, _ = _batch()
+    poses = model.inference(images, image_sizes, return_attention=True)
+    attention = poses[0]["attention"]  # (N, M, 28, 28)
+    assert attention.shape == (TINY.num_queries, 7, 28, 28)
+    torch.testing.assert_close(attention.sum(dim=(2, 3)), torch.ones(TINY.num_queries, 7))
+    gates = model.keypoint_stages[-1].sim.last_gates
+    assert gates is not None and (gates > 0).all() and (gates < 1).all()
+    assert model.keypoint_stages[-1].spegm is not None
+    no_sim = build_model(dataclasses.replace(TINY, iteration="sum"))
+    assert no_sim.keypoint_stages[0].sim is None
+
+
+def test_keypoint_decoding_round_trip():
+    boxes = torch.tensor([[10.0, 20.0, 110.0, 220.0], [0.0, 0.0, 50.0, 30.0]])
+    pixels = torch.tensor([[[60.0, 120.0], [10.0, 20.0]], [[25.0, 15.0], [49.0, 1.0]]])
+    relative = encode_keypoints(pixels, boxes)
+    assert relative[0, 0].tolist() == [0.0, 0.0] and relative[0, 1].tolist() == [-0.5, -0.5]
+    torch.testing.assert_close(decode_keypoints(relative, boxes), pixels)
+
+
+@pytest.mark.parametrize("spec", [COCO, CROWDPOSE], ids=["coco", "crowdpose"])
+@pytest.mark.parametrize("scheme", PART_SCHEMES)
+def test_part_heads_output_in_keypoint_order(spec, scheme):
+    """Keypoint k's output comes from the part that holds k, so flipping parts flips keypoints consistently."""
+    heads = PartHeads(8, spec, scheme)
+    parts = spec.parts(scheme)
+    queries = torch.zeros(1, len(parts), 8)
+    for m in range(len(parts)):
+        queries[0, m, m % 8] = 1.0 + m  # a distinct query per part
+    with torch.no_grad():
+        heads.mu_weight.zero_()
+        heads.mu_bias.zero_()
+        heads.sigma_weight.fill_(0.0)
+        for j, m in enumerate(heads.part_of_output.tolist()):
+            heads.sigma_bias[j] = float(m)  # sigma encodes the part id in keypoint order after the scatter
+    _, sigma = heads(queries)
+    part_of = {k: m for m, part in enumerate(parts) for k in part}
+    expected = torch.sigmoid(torch.tensor([float(part_of[k]) for k in range(spec.num_keypoints)]))
+    torch.testing.assert_close(sigma[0, :, 0], expected)
+    # the mirror part of keypoint k's part holds the mirror keypoint of k
+    mirror = spec.mirror_parts(scheme)
+    for k in range(spec.num_keypoints):
+        assert part_of[int(spec.flip_index[k])] == mirror[part_of[k]]
+
+
+def test_part_state_stays_with_its_query():
+    """After a matched-subset update, an unmatched query's part state is untouched and a matched query gets
+    exactly its own row's update (the authors' code pairs rows positionally instead)."""
+    model = build_model(TINY).eval()  # eval: SPEGM's BatchNorm would otherwise mix statistics across RoIs
+    images, image_sizes, targets = _batch()
+    features = model._features(images, image_sizes)
+    boxes, instance, parts = model._initial_state(image_sizes)
+    parts = parts + torch.randn_like(parts)  # distinct state per query
+    batch_index = torch.tensor([0, 1])
+    query_index = torch.tensor([4, 1])
+    out, new_instance, new_parts = model._keypoint_stage(
+        0, features[0], boxes, instance, parts, batch_index, query_index
+    )
+    changed = (new_parts != parts).flatten(2).any(-1)  # (B, N)
+    assert changed.nonzero().tolist() == [[0, 4], [1, 1]]
+    torch.testing.assert_close(new_parts[0, 4], out["part_queries"][0])
+    torch.testing.assert_close(new_parts[1, 1], out["part_queries"][1])
+    # the same query alone gives the same update: its result depends on its own state only
+    alone, _, _ = model._keypoint_stage(0, features[0], boxes, instance, parts, batch_index[1:], query_index[1:])
+    torch.testing.assert_close(alone["part_queries"][0], out["part_queries"][1], atol=1e-5, rtol=1e-5)
+
+
+def test_predict_maps_back_to_each_image():
+    model = build_model(TINY).eval()
+    images = [torch.rand(3, 60, 90) * 255, torch.rand(3, 300, 200) * 255]
+    poses = model.predict(images)
+    for image, pose in zip(images, poses, strict=True):
+        height, width = image.shape[1:]
+        assert pose["boxes"].shape == (TINY.num_queries, 4)
+        assert (pose["boxes"][:, 0::2] <= width).all() and (pose["boxes"][:, 1::2] <= height).all()
+        assert (pose["scores"][:-1] >= pose["scores"][1:]).all()
+        assert ((pose["scores"] >= 0) & (pose["scores"] <= 1)).all()
+
+
+def test_pruning_keeps_top_queries():
+    model = build_model(dataclasses.replace(TINY, num_stages=3, prune_queries_after_stage=1, prune_keep=2)).eval()
+    images, image_sizes, _ = _batch()
+    poses = model.inference(images, image_sizes, return_attention=True)
+    assert poses[0]["boxes"].shape == (2, 4) and poses[0]["attention"].shape[0] == 2
+
+
+def test_backbone_weights_file(tmp_path):
+    model = build_model(TINY)
+    path = tmp_path / "backbone.pth"
+    torch.save(model.backbone.body.state_dict(), path)
+    loaded = build_model(dataclasses.replace(TINY, backbone_weights=str(path)))
+    for (name, a), (_, b) in zip(
+        model.backbone.body.state_dict().items(), loaded.backbone.body.state_dict().items(), strict=True
+    ):
+        torch.testing.assert_close(a, b, msg=name)
+    torch.save({"conv1.weight": torch.zeros(1)}, tmp_path / "bad.pth")
+    with pytest.raises(ValueError, match="bad.pth does not match the backbone: missing"):
+        build_model(dataclasses.replace(TINY, backbone_weights=str(tmp_path / "bad.pth")))
+    (tmp_path / "junk.pth").write_text("not a checkpoint")
+    with pytest.raises(ValueError, match="junk.pth could not be loaded"):
+        build_model(dataclasses.replace(TINY, backbone_weights=str(tmp_path / "junk.pth")))
+    with pytest.raises(FileNotFoundError, match="missing.pth"):
+        build_model(dataclasses.replace(TINY, backbone_weights=str(tmp_path / "missing.pth")))
