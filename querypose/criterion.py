@@ -13,6 +13,14 @@ from querypose.model import encode_keypoints
 
 
 class SetCriterion(nn.Module):
+    """Losses of the matched sets, stage by stage (the matching itself happens in the model's forward, since
+    the keypoint decoder runs only on the matched queries).
+
+    Per stage s the unweighted terms are `loss_cls_s{s}`, `loss_l1_s{s}`, `loss_giou_s{s}`, `loss_rle_s{s}`;
+    `loss` is the weighted sum over all stages. Every term is divided by the number of people in the batch,
+    averaged over workers when torch.distributed is initialised.
+    """
+
     def __init__(
         self,
         cls_weight: float = 2.0,
@@ -37,54 +45,82 @@ class SetCriterion(nn.Module):
         image_sizes: torch.Tensor,
         flow: RealNVP,
     ) -> dict[str, torch.Tensor]:
-        """Named loss terms per stage (`loss_cls_s0`, ..., unweighted) plus `loss`, the weighted total."""
-        num_people = self._num_people(targets, image_sizes.device)
+        """Params:
+            outputs: {"stages": [stage, ...]}, each stage with logits (B, N), boxes (B, N, 4) xyxy pixels,
+                indices (B pairs (pred_idx, gt_idx)), keypoint_mu / keypoint_sigma (T, K, 2) box-relative for the
+                T matched pairs in indices order, keypoint_boxes (T, 4) the detached boxes they are relative to.
+            targets: B dicts with "boxes" (P_b, 4) xyxy pixels and "keypoints" (P_b, K, 3) [x, y, v] pixels.
+            image_sizes: (B, 2) [h, w] of the unpadded images.
+            flow: the RLE density (the model's `flow`).
+
+        Returns float32 scalars: the unweighted terms per stage and the weighted total `loss`.
+        """
+        device = outputs["stages"][0]["logits"].device
+        image_sizes = image_sizes.to(device)
+        num_people = self.num_people(targets, device)
         losses: dict[str, torch.Tensor] = {}
-        total = image_sizes.new_zeros((), dtype=torch.float32)
+        total = torch.zeros((), device=device)
         for s, stage in enumerate(outputs["stages"]):
-            terms = self.stage_losses(stage, targets, image_sizes, flow, num_people)
+            matched = _matched_targets(stage["indices"], targets, device)
+            terms = {
+                "cls": self.loss_cls(stage["logits"], matched["batch"], matched["query"]),
+                **self.loss_boxes(stage["boxes"], matched, image_sizes),
+                "rle": self.loss_rle(stage, matched, flow),
+            }
             for name, value in terms.items():
-                losses[f"loss_{name}_s{s}"] = value
-                total = total + self.weights[name] * value
+                losses[f"loss_{name}_s{s}"] = value / num_people
+                total = total + self.weights[name] * losses[f"loss_{name}_s{s}"]
         losses["loss"] = total
         return losses
 
-    def stage_losses(self, stage, targets, image_sizes, flow, num_people) -> dict[str, torch.Tensor]:
-        logits, boxes, indices = stage["logits"], stage["boxes"], stage["indices"]
-        batch_index = torch.cat([torch.full_like(pred, b) for b, (pred, _) in enumerate(indices)]).to(logits.device)
-        query_index = torch.cat([pred for pred, _ in indices]).to(logits.device)
-        gt_boxes = torch.cat([t["boxes"][gt] for t, (_, gt) in zip(targets, indices, strict=True)]).to(boxes)
-        gt_keypoints = torch.cat([t["keypoints"][gt] for t, (_, gt) in zip(targets, indices, strict=True)]).to(boxes)
+    def loss_cls(self, logits: torch.Tensor, batch: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
+        """Sigmoid focal loss over all B * N queries: matched ones are people, the rest background. Summed."""
+        labels = torch.zeros_like(logits, dtype=torch.float32)  # (B, N)
+        labels[batch, query] = 1.0
+        return sigmoid_focal_loss(logits.float(), labels, self.focal_alpha, self.focal_gamma, reduction="sum")
 
-        labels = torch.zeros_like(logits)
-        labels[batch_index, query_index] = 1.0
-        loss_cls = sigmoid_focal_loss(
-            logits.float(), labels, alpha=self.focal_alpha, gamma=self.focal_gamma, reduction="sum"
-        )
+    def loss_boxes(
+        self, boxes: torch.Tensor, matched: dict[str, torch.Tensor], image_sizes: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        """L1 on boxes divided by the image's (w, h, w, h), and GIoU loss, over the matched pairs. Summed."""
+        predicted = boxes[matched["batch"], matched["query"]].float()  # (T, 4)
+        whwh = image_sizes[matched["batch"]].flip(1).repeat(1, 2).float()  # (T, 4)
+        l1 = (predicted / whwh - matched["boxes"] / whwh).abs().sum()
+        giou = generalized_box_iou_loss(predicted, matched["boxes"], reduction="sum")
+        return {"l1": l1, "giou": giou}
 
-        matched = boxes[batch_index, query_index]  # (T, 4)
-        scale = image_sizes[batch_index].flip(1).repeat(1, 2).to(boxes)  # (T, 4) = (w, h, w, h)
-        loss_l1 = (matched / scale - gt_boxes / scale).abs().sum()
-        loss_giou = generalized_box_iou_loss(matched, gt_boxes, reduction="sum")
-
-        # Targets relative to the detached predicted box; unlabelled or out-of-box keypoints carry no weight.
-        kp_boxes = stage["keypoint_boxes"]
-        target = encode_keypoints(gt_keypoints[..., :2], kp_boxes)  # (T, K, 2)
-        inside = ((target > -0.5) & (target < 0.5)).all(-1)
-        weight = ((gt_keypoints[..., 2] > 0) & inside).unsqueeze(-1).float()  # (T, K, 1)
-        loss_rle = rle_loss(stage["keypoint_mu"], stage["keypoint_sigma"], target, weight, flow, num_people)
-        return {
-            "cls": loss_cls / num_people,
-            "l1": loss_l1 / num_people,
-            "giou": loss_giou / num_people,
-            "rle": loss_rle,
-        }
+    def loss_rle(self, stage: dict, matched: dict[str, torch.Tensor], flow: RealNVP) -> torch.Tensor:
+        """RLE on the matched poses. Targets are relative to the detached predicted box the keypoints were
+        decoded from; unlabelled keypoints and those outside that box carry no weight. Summed."""
+        target = encode_keypoints(matched["keypoints"][..., :2], stage["keypoint_boxes"].detach().float())  # (T,K,2)
+        inside = ((target >= -0.5) & (target <= 0.5)).all(-1)  # (T, K)
+        weight = ((matched["keypoints"][..., 2] > 0) & inside).unsqueeze(-1)  # (T, K, 1)
+        return rle_loss(stage["keypoint_mu"], stage["keypoint_sigma"], target, weight, flow, 1.0)
 
     @staticmethod
-    def _num_people(targets: list[dict[str, torch.Tensor]], device: torch.device) -> torch.Tensor:
-        """People in the batch, averaged over workers so every rank normalises by the same number."""
+    def num_people(targets: list[dict[str, torch.Tensor]], device: torch.device) -> torch.Tensor:
+        """People in the batch, averaged over workers so every rank divides by the same number; at least 1."""
         count = torch.tensor(float(sum(len(t["boxes"]) for t in targets)), device=device)
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(count)
             count = count / dist.get_world_size()
         return count.clamp_min(1.0)
+
+
+def _matched_targets(
+    indices: list[tuple[torch.Tensor, torch.Tensor]], targets: list[dict[str, torch.Tensor]], device: torch.device
+) -> dict[str, torch.Tensor]:
+    """Flatten the per-image matches, image by image in indices order (the order of keypoint_mu's rows):
+    batch/query (T,) indices of the matched queries and their people's boxes (T, 4) and keypoints (T, K, 3)."""
+    if len(indices) != len(targets):
+        raise ValueError(f"SetCriterion: {len(indices)} matched images for {len(targets)} targets")
+    batch = torch.cat([torch.full_like(pred, b) for b, (pred, _) in enumerate(indices)]).to(device)
+    query = torch.cat([pred for pred, _ in indices]).to(device)
+    boxes = torch.cat([t["boxes"].reshape(-1, 4)[gt.to(t["boxes"].device)] for t, (_, gt) in zip(targets, indices)])
+    keypoints = torch.cat([t["keypoints"][gt.to(t["keypoints"].device)] for t, (_, gt) in zip(targets, indices)])
+    return {
+        "batch": batch,
+        "query": query,
+        "boxes": boxes.to(device, torch.float32),
+        "keypoints": keypoints.to(device, torch.float32),
+    }

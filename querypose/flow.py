@@ -62,16 +62,24 @@ def rle_loss(
 ) -> torch.Tensor:
     """Residual log-likelihood loss, summed over weighted coordinates and divided by `num_instances`.
 
-    mu, sigma, target: (T, K, 2) box-relative coordinates; weight: (T, K, 1) or (T, K, 2) in {0, 1}.
-    Always computed in float32: the flow's log-density is unstable in bf16.
+    mu, sigma, target: (T, K, 2) box-relative coordinates; weight: (T, K, 1) or (T, K, 2) in {0, 1}, 0 for
+    unlabelled keypoints (they get exactly zero gradient). With x_bar = (mu - target) / sigma, per coordinate:
+        flow term     log(sigma) - log p_flow(x_bar)
+        residual term log(sigma * sqrt(2 pi)) + |target - mu| / (sqrt(2) sigma + 1e-9)
+    Always computed in float32, also under autocast: the flow's log-density is unstable in bf16.
     """
     with torch.autocast(device_type=mu.device.type, enabled=False):
-        mu, sigma, target, weight = mu.float(), sigma.float(), target.float(), weight.float().expand_as(mu)
-        sigma = sigma.clamp_min(1e-9)
-        residual = (mu - target) / sigma
-        # One log-density per keypoint, broadcast onto both coordinates as in the RLE formulation.
+        mu, sigma, target = mu.float(), sigma.float(), target.float()
+        weight = weight.float().expand_as(mu)
+        used = weight > 0  # (T, K, 2)
+        # Masked coordinates become a harmless point (mu = target = 0, sigma = 1) *before* any arithmetic:
+        # masking only the result would still send 0 * inf = NaN gradients back from log(0) or a garbage mu.
+        mu = torch.where(used, mu, torch.zeros_like(mu))
+        target = torch.where(used, target, torch.zeros_like(target))
+        sigma = torch.where(used, sigma.clamp_min(1e-9), torch.ones_like(sigma))
+        residual = (mu - target) / sigma  # x_bar, (T, K, 2)
+        # One log-density per keypoint, charged to each of its coordinates as in the RLE formulation.
         flow_term = torch.log(sigma) - flow.log_prob(residual).unsqueeze(-1)
         laplace_term = torch.log(sigma * math.sqrt(2 * math.pi)) + (target - mu).abs() / (math.sqrt(2) * sigma + 1e-9)
-        # `where` (not a product) so a NaN/inf at a masked coordinate cannot leak into the sum or its gradient.
-        loss = torch.where(weight > 0, (flow_term + laplace_term) * weight, torch.zeros_like(mu))
+        loss = torch.where(used, (flow_term + laplace_term) * weight, torch.zeros_like(mu))
         return loss.sum() / num_instances

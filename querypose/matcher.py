@@ -14,7 +14,13 @@ EPS = 1e-8
 
 
 class HungarianMatcher:
-    """cost = 2 focal + 5 L1 (boxes / image size) + 2 (-GIoU) [+ keypoint_cost (1 - OKS)], per image."""
+    """Assigns each person to one query by minimising, per image,
+
+        cost = cls_weight * focal + l1_weight * L1(boxes / image size) + giou_weight * (-GIoU)
+               [+ keypoint_cost * (1 - OKS) when keypoint_cost > 0 and predicted keypoints are given]
+
+    The paper's weights are 2, 5, 2 and no OKS term. Queries left unassigned are trained as background.
+    """
 
     def __init__(
         self,
@@ -26,21 +32,23 @@ class HungarianMatcher:
         keypoint_cost: float = 0.0,
         sigmas: tuple[float, ...] | None = None,
     ) -> None:
+        if keypoint_cost > 0 and sigmas is None:
+            raise ValueError("HungarianMatcher: keypoint_cost > 0 needs the dataset's OKS sigmas")
         self.cls_weight, self.l1_weight, self.giou_weight = cls_weight, l1_weight, giou_weight
         self.focal_alpha, self.focal_gamma = focal_alpha, focal_gamma
         self.keypoint_cost = keypoint_cost
-        self.sigmas = None if sigmas is None else torch.tensor(sigmas)
+        self.sigmas = None if sigmas is None else torch.tensor(sigmas, dtype=torch.float32)
 
     @classmethod
     def from_config(cls, cfg: ModelConfig) -> HungarianMatcher:
         return cls(
-            cfg.cls_weight,
-            cfg.l1_weight,
-            cfg.giou_weight,
-            cfg.focal_alpha,
-            cfg.focal_gamma,
-            cfg.keypoint_cost,
-            get_spec(cfg.dataset).sigmas,
+            cls_weight=cfg.cls_weight,
+            l1_weight=cfg.l1_weight,
+            giou_weight=cfg.giou_weight,
+            focal_alpha=cfg.focal_alpha,
+            focal_gamma=cfg.focal_gamma,
+            keypoint_cost=cfg.keypoint_cost,
+            sigmas=get_spec(cfg.dataset).sigmas,
         )
 
     @torch.no_grad()
@@ -54,24 +62,33 @@ class HungarianMatcher:
     ) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Match predictions to people.
 
-        logits (B, N) person logits; boxes (B, N, 4) xyxy pixels; targets: B dicts with "boxes" (P, 4) xyxy pixels
-        and "keypoints" (P, K, 3); image_sizes (B, 2) [h, w]; keypoints (B, N, K, 2) predicted pixels, used only
-        when keypoint_cost > 0.
+        Params:
+            logits: (B, N) person logits.
+            boxes: (B, N, 4) predicted boxes, xyxy in input pixels.
+            targets: B dicts with "boxes" (P_b, 4) xyxy pixels and "keypoints" (P_b, K, 3) [x, y, v] pixels.
+            image_sizes: (B, 2) [height, width] of each unpadded image (the L1 term's normaliser).
+            keypoints: optional (B, N, K, 2) predicted keypoints in pixels, used only when keypoint_cost > 0.
 
-        Returns B pairs (pred_idx, gt_idx) of int64 tensors sorted by pred_idx, each of length min(N, P_b):
-        query pred_idx[i] is assigned to person gt_idx[i].
+        Returns:
+            B pairs (pred_idx, gt_idx) of int64 CPU tensors, sorted by pred_idx: query pred_idx[i] is assigned to
+            person gt_idx[i]. For every image, len(pred_idx) == len(gt_idx) == min(N, P_b); images without
+            people give two empty tensors.
         """
+        if len(targets) != logits.shape[0]:
+            raise ValueError(f"HungarianMatcher: {len(targets)} targets for a batch of {logits.shape[0]} images")
         matches = []
         for b, target in enumerate(targets):
-            gt_boxes = target["boxes"].to(boxes.dtype)
-            if len(gt_boxes) == 0:
+            if len(target["boxes"]) == 0:
                 empty = torch.empty(0, dtype=torch.int64)
                 matches.append((empty, empty.clone()))
                 continue
-            cost = self.cost_matrix(
-                logits[b], boxes[b], target, image_sizes[b], None if keypoints is None else keypoints[b]
-            )
-            pred_idx, gt_idx = linear_sum_assignment(cost.float().cpu().numpy())
+            image_keypoints = None if keypoints is None else keypoints[b]
+            cost = self.cost_matrix(logits[b], boxes[b], target, image_sizes[b], image_keypoints)
+            cost = cost.cpu().numpy()
+            if not np.isfinite(cost).all():
+                raise FloatingPointError(f"HungarianMatcher: image {b} has a non-finite matching cost (NaN boxes?)")
+            # Rows are queries: scipy returns them in increasing order, so pred_idx comes out sorted.
+            pred_idx, gt_idx = linear_sum_assignment(cost)
             matches.append((torch.as_tensor(pred_idx, dtype=torch.int64), torch.as_tensor(gt_idx, dtype=torch.int64)))
         return matches
 
@@ -81,33 +98,39 @@ class HungarianMatcher:
         boxes: torch.Tensor,
         target: dict[str, torch.Tensor],
         image_size: torch.Tensor,
-        keypoints: torch.Tensor | None,
+        keypoints: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """(N, P) matching cost for one image."""
+        """(N, P) float32 matching cost for one image: logits (N,), boxes (N, 4), image_size (2,) [h, w]."""
+        # float32 throughout: under bf16 autocast near-equal costs would tie and the assignment would jitter.
         prob = logits.float().sigmoid()[:, None]  # (N, 1)
-        # Focal-style classification cost: the positive focal term minus the negative one.
+        # Focal-style cost: the focal loss of calling the query a person minus that of calling it background,
+        # so confident background queries are expensive to match and uncertain ones are not penalised twice.
         alpha, gamma = self.focal_alpha, self.focal_gamma
         negative = (1 - alpha) * prob**gamma * -(1 - prob + EPS).log()
         positive = alpha * (1 - prob) ** gamma * -(prob + EPS).log()
-        gt_boxes = target["boxes"].to(boxes)
-        scale = image_size.flip(0).repeat(2).to(boxes)  # (w, h, w, h)
-        cost_l1 = torch.cdist(boxes / scale, gt_boxes / scale, p=1)  # (N, P)
-        cost_giou = -generalized_box_iou(boxes, gt_boxes)
+        boxes = boxes.float()
+        gt_boxes = target["boxes"].to(boxes)  # (P, 4)
+        whwh = image_size.flip(0).repeat(2).to(boxes)  # (4,) = (w, h, w, h)
+        cost_l1 = torch.cdist(boxes / whwh, gt_boxes / whwh, p=1)  # (N, P)
+        cost_giou = -generalized_box_iou(boxes, gt_boxes)  # (N, P)
         cost = self.cls_weight * (positive - negative) + self.l1_weight * cost_l1 + self.giou_weight * cost_giou
         if self.keypoint_cost > 0 and keypoints is not None:
-            cost = cost + self.keypoint_cost * (1 - object_keypoint_similarity(keypoints, target, self.sigmas))
+            oks = object_keypoint_similarity(keypoints.float(), target, self.sigmas)
+            cost = cost + self.keypoint_cost * (1 - oks)
         return cost
 
 
 def object_keypoint_similarity(
     keypoints: torch.Tensor, target: dict[str, torch.Tensor], sigmas: torch.Tensor
 ) -> torch.Tensor:
-    """OKS between predicted poses (N, K, 2) and people (P, K, 3), with area 0.53 * box area -> (N, P)."""
+    """OKS between predicted poses (N, K, 2) and people (P, K, 3) -> (N, P), over each person's labelled
+    keypoints. The person's area is taken as 0.53 * box area (the CrowdPose convention; COCO's segment area
+    is close to it), since targets carry no segmentation area."""
     gt = target["keypoints"].to(keypoints)
     boxes = target["boxes"].to(keypoints)
     area = 0.53 * (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])  # (P,)
     squared = ((keypoints[:, None] - gt[None, :, :, :2]) ** 2).sum(-1)  # (N, P, K)
     variances = (2 * sigmas.to(keypoints)) ** 2  # (K,)
-    similarity = torch.exp(-squared / (2 * variances * (area[None, :, None] + np.spacing(1))))
-    visible = (gt[:, :, 2] > 0).to(keypoints)  # (P, K)
-    return (similarity * visible).sum(-1) / visible.sum(-1).clamp_min(1)
+    similarity = torch.exp(-squared / (2 * variances * (area[None, :, None] + np.spacing(1))))  # (N, P, K)
+    labelled = (gt[:, :, 2] > 0).to(keypoints)  # (P, K)
+    return (similarity * labelled).sum(-1) / labelled.sum(-1).clamp_min(1)
