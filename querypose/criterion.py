@@ -61,7 +61,8 @@ class SetCriterion(nn.Module):
         losses: dict[str, torch.Tensor] = {}
         total = torch.zeros((), device=device)
         for s, stage in enumerate(outputs["stages"]):
-            matched = _matched_targets(stage["indices"], targets, device)
+            num_keypoints = stage["keypoint_mu"].shape[1]
+            matched = _matched_targets(stage["indices"], targets, num_keypoints, device)
             terms = {
                 "cls": self.loss_cls(stage["logits"], matched["batch"], matched["query"]),
                 **self.loss_boxes(stage["boxes"], matched, image_sizes),
@@ -108,7 +109,10 @@ class SetCriterion(nn.Module):
 
 
 def _matched_targets(
-    indices: list[tuple[torch.Tensor, torch.Tensor]], targets: list[dict[str, torch.Tensor]], device: torch.device
+    indices: list[tuple[torch.Tensor, torch.Tensor]],
+    targets: list[dict[str, torch.Tensor]],
+    num_keypoints: int,
+    device: torch.device,
 ) -> dict[str, torch.Tensor]:
     """Flatten the per-image matches, image by image in indices order (the order of keypoint_mu's rows):
     batch/query (T,) indices of the matched queries and their people's boxes (T, 4) and keypoints (T, K, 3)."""
@@ -116,11 +120,14 @@ def _matched_targets(
         raise ValueError(f"SetCriterion: {len(indices)} matched images for {len(targets)} targets")
     batch = torch.cat([torch.full_like(pred, b) for b, (pred, _) in enumerate(indices)]).to(device)
     query = torch.cat([pred for pred, _ in indices]).to(device)
-    boxes = torch.cat([t["boxes"].reshape(-1, 4)[gt.to(t["boxes"].device)] for t, (_, gt) in zip(targets, indices)])
-    keypoints = torch.cat([t["keypoints"][gt.to(t["keypoints"].device)] for t, (_, gt) in zip(targets, indices)])
+    boxes, keypoints = [], []
+    for t, (_, gt) in zip(targets, indices, strict=True):
+        # reshape: an image without people may arrive as an empty (0,) tensor
+        boxes.append(t["boxes"].reshape(-1, 4)[gt.to(t["boxes"].device)])
+        keypoints.append(t["keypoints"].reshape(-1, num_keypoints, 3)[gt.to(t["keypoints"].device)])
     return {
         "batch": batch,
         "query": query,
-        "boxes": boxes.to(device, torch.float32),
-        "keypoints": keypoints.to(device, torch.float32),
+        "boxes": torch.cat(boxes).to(device, torch.float32),
+        "keypoints": torch.cat(keypoints).to(device, torch.float32),
     }

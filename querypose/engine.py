@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import cv2
+import numpy as np
 import torch
 from torch import nn
 
@@ -16,7 +19,7 @@ from querypose.optim import clip_gradients
 
 def unwrap(model: nn.Module) -> nn.Module:
     """The QueryPose module inside a DistributedDataParallel (or any `.module`) wrapper."""
-    return model.module if hasattr(model, "module") else model
+    return model.module if isinstance(getattr(model, "module", None), nn.Module) else model
 
 
 def train_step(
@@ -30,55 +33,126 @@ def train_step(
     max_grad_norm: float = 1.0,
     autocast_dtype: torch.dtype | None = None,
 ) -> dict[str, float]:
-    """Forward, losses, backward, clip, optimiser and scheduler step; returns the loss terms, lr and grad norm."""
+    """One optimisation step: forward (with matching), set losses, backward, full-model gradient clipping,
+    optimiser step, scheduler step.
+
+    images (B, 3, H, W) float 0..255 zero-padded, image_sizes (B, 2) [h, w], targets B dicts with "boxes" (P, 4)
+    and "keypoints" (P, K, 3), all on the model's device. `model` may be DDP-wrapped. `autocast_dtype` (e.g.
+    torch.bfloat16 on GPU) runs the forward under autocast; the losses are always float32.
+
+    Returns the loss terms as floats plus "lr" (the model group's) and "grad_norm" (before clipping). A
+    non-finite loss raises FloatingPointError before any parameter changes.
+    """
     model.train()
     autocast = torch.autocast(images.device.type, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
     with autocast:
         outputs = model(images, image_sizes, targets)
     losses = criterion(outputs, targets, image_sizes, unwrap(model).flow)
+    logged = {name: float(value.detach()) for name, value in losses.items()}
+    if not math.isfinite(logged["loss"]):
+        raise FloatingPointError(f"non-finite loss at this step: {logged}")
     optimizer.zero_grad(set_to_none=True)
     losses["loss"].backward()
-    grad_norm = clip_gradients(model, max_grad_norm)
+    logged["grad_norm"] = clip_gradients(model, max_grad_norm)
     optimizer.step()
     scheduler.step()
-    logged = {name: float(value.detach()) for name, value in losses.items()}
     logged["lr"] = optimizer.param_groups[0]["lr"]
-    logged["grad_norm"] = grad_norm
     return logged
 
 
-def to_coco_results(poses: dict[str, torch.Tensor], image_id: int, min_score: float = 0.0) -> list[dict]:
-    """One image's predicted poses -> COCO keypoint result records."""
+# --- evaluation ----------------------------------------------------------------------------------------------
+
+
+def to_coco_results(poses: dict[str, torch.Tensor], image_id: int) -> list[dict]:
+    """One image's predicted poses (keypoints (N, K, 3), scores (N,)) -> COCO keypoint result records."""
     records = []
     for keypoints, score in zip(poses["keypoints"].tolist(), poses["scores"].tolist(), strict=True):
-        if score < min_score:
-            continue
         flat = [round(v, 2) for point in keypoints for v in point]
         records.append({"image_id": int(image_id), "category_id": 1, "keypoints": flat, "score": round(score, 5)})
     return records
 
 
-def load_rgb(path: str | Path) -> torch.Tensor:
-    """Read an image file into a CHW float tensor (0..255, RGB)."""
+def load_rgb(path: str | Path) -> np.ndarray:
+    """Read an image file into an (H, W, 3) uint8 RGB array."""
     image = cv2.imread(str(path), cv2.IMREAD_COLOR)
     if image is None:
         raise ValueError(f"image {path} is missing or cannot be decoded")
-    return torch.from_numpy(cv2.cvtColor(image, cv2.COLOR_BGR2RGB)).permute(2, 0, 1).float()
+    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+
+
+def coco_samples(gt_json: str | Path, image_dir: str | Path) -> Iterator[dict]:
+    """The images of a COCO-format keypoint file as samples: {"image_id", "image" (H, W, 3) uint8 RGB,
+    "boxes" (P, 4) float32 xyxy pixels, "keypoints" (P, K, 3) float32}. Crowd regions are left out."""
+    content = json.loads(Path(gt_json).read_text())
+    num_keypoints = len(content["categories"][0]["keypoints"])
+    people: dict[int, list[dict]] = {}
+    for annotation in content["annotations"]:
+        if not annotation.get("iscrowd", 0):
+            people.setdefault(annotation["image_id"], []).append(annotation)
+    for record in content["images"]:
+        annotations = people.get(record["id"], [])
+        boxes = np.array([a["bbox"] for a in annotations], np.float32).reshape(-1, 4)
+        boxes[:, 2:] += boxes[:, :2]  # xywh -> xyxy
+        keypoints = np.array([a["keypoints"] for a in annotations], np.float32).reshape(-1, num_keypoints, 3)
+        yield {
+            "image_id": record["id"],
+            "image": load_rgb(Path(image_dir) / record["file_name"]),
+            "boxes": boxes,
+            "keypoints": keypoints,
+        }
+
+
+def _to_chw(image: np.ndarray | torch.Tensor, image_id: object) -> torch.Tensor:
+    if isinstance(image, torch.Tensor):  # already CHW
+        return image.float()
+    image = np.asarray(image)
+    if image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(f"sample {image_id}: field 'image' must be (H, W, 3) RGB, got shape {image.shape}")
+    return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float()
 
 
 @torch.no_grad()
-def evaluate_folder(
-    model: nn.Module, gt_json: str | Path, image_dir: str | Path, dataset: str, batch_size: int = 4
-) -> tuple[dict[str, float], list[dict]]:
-    """Predict every image of a COCO-format ground truth and score it; returns (metrics, results)."""
+def predict_samples(model: nn.Module, samples: Iterable[dict], batch_size: int = 4) -> list[dict]:
+    """Run `model.predict` over samples {"image_id", "image" (H, W, 3) uint8 RGB or CHW tensor} in original
+    pixels; returns COCO keypoint result records (all N candidates per image, best first)."""
     model = unwrap(model)
+    was_training = model.training
     model.eval()
-    images = json.loads(Path(gt_json).read_text())["images"]
+    device = next(model.parameters()).device
     results: list[dict] = []
-    for start in range(0, len(images), batch_size):
-        chunk = images[start : start + batch_size]
-        device = next(model.parameters()).device
-        pixels = [load_rgb(Path(image_dir) / record["file_name"]).to(device) for record in chunk]
-        for record, poses in zip(chunk, model.predict(pixels), strict=True):
-            results.extend(to_coco_results({k: v.cpu() for k, v in poses.items()}, record["id"]))
-    return evaluate_keypoints(gt_json, results, dataset), results
+    chunk: list[dict] = []
+
+    def flush() -> None:
+        pixels = [_to_chw(s["image"], s.get("image_id")).to(device) for s in chunk]
+        for sample, poses in zip(chunk, model.predict(pixels), strict=True):
+            results.extend(to_coco_results({k: v.cpu() for k, v in poses.items()}, sample["image_id"]))
+        chunk.clear()
+
+    for sample in samples:
+        for field in ("image_id", "image"):
+            if field not in sample:
+                raise ValueError(f"evaluation sample {sample.get('image_id', '?')}: missing field {field!r}")
+        chunk.append(sample)
+        if len(chunk) == batch_size:
+            flush()
+    if chunk:
+        flush()
+    model.train(was_training)
+    return results
+
+
+def evaluate(
+    model: nn.Module,
+    samples: Iterable[dict],
+    gt_json: str | Path,
+    dataset: str,
+    batch_size: int = 4,
+    results_path: str | Path | None = None,
+) -> dict[str, float]:
+    """Predict every sample and score the poses against `gt_json` with the dataset's OKS protocol
+    (querypose.evaluation). `samples` is any iterable of {"image_id", "image"} dicts, e.g. `coco_samples(...)` or a
+    data loader's rows; the predictions are written to `results_path` when given."""
+    results = predict_samples(model, samples, batch_size)
+    if results_path is not None:
+        Path(results_path).write_text(json.dumps(results))
+    return evaluate_keypoints(gt_json, results, dataset)

@@ -69,7 +69,7 @@ def crop(sample: dict, x0: int, y0: int, width: int, height: int) -> dict:
     )
     keep_point = inside & (keypoints[..., 2] > 0)
     keypoints[~keep_point] = 0.0
-    keep = (boxes[:, 2] - boxes[:, 0] > 1) & (boxes[:, 3] - boxes[:, 1] > 1)
+    keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])  # zero-area boxes lie outside the crop
     return {**sample, "image": np.ascontiguousarray(image), "boxes": boxes[keep], "keypoints": keypoints[keep]}
 
 
@@ -99,7 +99,7 @@ def train_augment(
     return resize(sample, int(rng.choice(short_sides)), max_size)
 
 
-def eval_resize(sample: dict, short_side: int = 800, max_size: int = 1333) -> dict:
+def test_resize(sample: dict, short_side: int = 800, max_size: int = 1333) -> dict:
     """Test-time resize; records the scale (resized / original) so predictions map back to original pixels."""
     height, width = sample["image"].shape[:2]
     resized = resize(sample, short_side, max_size)
@@ -107,11 +107,36 @@ def eval_resize(sample: dict, short_side: int = 800, max_size: int = 1333) -> di
     return {**resized, "scale": np.array([new_w / width, new_h / height], np.float32)}
 
 
-def sample_to_target(sample: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """(CHW float32 0..255 image tensor, {"boxes": (P, 4), "keypoints": (P, K, 3)}) for the model."""
-    image = torch.from_numpy(np.ascontiguousarray(sample["image"])).permute(2, 0, 1).float()
-    target = {
-        "boxes": torch.from_numpy(np.asarray(sample["boxes"], np.float32)).reshape(-1, 4),
-        "keypoints": torch.from_numpy(np.asarray(sample["keypoints"], np.float32)),
-    }
-    return image, target
+test_resize.__test__ = False  # its name starts with "test": keep pytest from collecting it where it is imported
+
+
+def sample_to_target(sample: dict, num_keypoints: int | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """(CHW float32 0..255 image tensor, {"boxes": (P, 4), "keypoints": (P, K, 3)}) for the model.
+
+    `num_keypoints` gives an image without people its (0, K, 3) shape when its arrays arrive empty and flat.
+    """
+    image = np.asarray(sample["image"])
+    if image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(f"sample {sample.get('image_id', '?')}: field 'image' must be (H, W, 3), got {image.shape}")
+    boxes = np.asarray(sample["boxes"], np.float32).reshape(-1, 4)
+    keypoints = np.asarray(sample["keypoints"], np.float32)
+    if keypoints.size == 0 and len(boxes) == 0:
+        keypoints = keypoints.reshape(0, num_keypoints or 0, 3)
+    elif keypoints.ndim == 2 and len(boxes):  # flat COCO lists, (P, 3K)
+        keypoints = keypoints.reshape(len(boxes), -1, 3)
+    shape_ok = keypoints.ndim == 3 and keypoints.shape[0] == len(boxes) and keypoints.shape[2] == 3
+    if not shape_ok or (len(boxes) and num_keypoints is not None and keypoints.shape[1] != num_keypoints):
+        raise ValueError(
+            f"sample {sample.get('image_id', '?')}: field 'keypoints' must be (P, K, 3) with P = {len(boxes)} "
+            f"boxes, got {keypoints.shape}"
+        )
+    pixels = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float()
+    return pixels, {"boxes": torch.from_numpy(boxes), "keypoints": torch.from_numpy(keypoints)}
+
+
+def collate(samples: list[dict], num_keypoints: int | None = None) -> tuple[torch.Tensor, torch.Tensor, list[dict]]:
+    """Samples -> (images (B, 3, H, W) float 0..255 zero-padded to a multiple of 32, image_sizes (B, 2) [h, w],
+    B target dicts), the training forward's inputs."""
+    pairs = [sample_to_target(sample, num_keypoints) for sample in samples]
+    images, image_sizes = pad_batch([image for image, _ in pairs])
+    return images, image_sizes, [target for _, target in pairs]

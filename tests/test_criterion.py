@@ -1,0 +1,161 @@
+"""SetCriterion: named terms per stage, weighting, normaliser, masking, and good predictions scoring lower."""
+
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torchvision.ops import generalized_box_iou_loss, sigmoid_focal_loss
+
+from querypose.config import ModelConfig
+from querypose.criterion import SetCriterion
+from querypose.flow import RealNVP
+from querypose.model import encode_keypoints
+
+K = 17
+SIZES = torch.tensor([[120, 160], [100, 100]])  # [h, w]
+
+
+def make_targets() -> list[dict[str, torch.Tensor]]:
+    generator = torch.Generator().manual_seed(0)
+    boxes = torch.tensor([[10.0, 10.0, 70.0, 110.0], [80.0, 20.0, 150.0, 100.0], [20.0, 30.0, 60.0, 90.0]])
+    lo, size = boxes[:, None, :2], boxes[:, None, 2:] - boxes[:, None, :2]
+    xy = lo + (0.1 + 0.8 * torch.rand(3, K, 2, generator=generator)) * size
+    keypoints = torch.cat([xy, torch.full((3, K, 1), 2.0)], dim=-1)
+    keypoints[0, :3] = 0.0  # unlabelled
+    return [
+        {"boxes": boxes[:2], "keypoints": keypoints[:2]},
+        {"boxes": boxes[2:], "keypoints": keypoints[2:]},
+    ]
+
+
+def make_outputs(targets, num_stages=2, box_noise=0.0, mu_noise=0.0, confident=False, sigma=0.1):
+    """Predictions for N = 4 queries per image; query 1 and 3 of image 0 and query 0 of image 1 are matched."""
+    indices = [(torch.tensor([1, 3]), torch.tensor([1, 0])), (torch.tensor([0]), torch.tensor([0]))]
+    generator = torch.Generator().manual_seed(1)
+    stages = []
+    for _ in range(num_stages):
+        boxes = torch.tensor([[0.0, 0.0, 160.0, 120.0]]).repeat(2, 4, 1)
+        logits = torch.full((2, 4), -4.0 if confident else 0.0)
+        for b, (pred, gt) in enumerate(indices):
+            boxes[b, pred] = targets[b]["boxes"][gt] + box_noise * torch.randn(len(pred), 4, generator=generator)
+            logits[b, pred] = 4.0 if confident else 0.0
+        boxes.requires_grad_()
+        keypoint_boxes = torch.cat([boxes[b, pred] for b, (pred, _) in enumerate(indices)]).detach()
+        gt_kp = torch.cat([targets[b]["keypoints"][gt] for b, (_, gt) in enumerate(indices)])
+        mu = encode_keypoints(gt_kp[..., :2], keypoint_boxes) + mu_noise * torch.randn(3, K, 2, generator=generator)
+        stages.append(
+            {
+                "logits": logits.requires_grad_(),
+                "boxes": boxes,
+                "indices": indices,
+                "keypoint_mu": mu.requires_grad_(),
+                "keypoint_sigma": torch.full((3, K, 2), sigma, requires_grad=True),
+                "keypoint_boxes": keypoint_boxes,
+            }
+        )
+    return {"stages": stages}
+
+
+def test_terms_per_stage_and_weighted_total():
+    targets = make_targets()
+    outputs = make_outputs(targets, num_stages=3, box_noise=3.0, mu_noise=0.05)
+    criterion = SetCriterion.from_config(ModelConfig(cls_weight=1.5, l1_weight=4.0, giou_weight=3.0, rle_weight=0.5))
+    losses = criterion(outputs, targets, SIZES, RealNVP())
+    names = {f"loss_{t}_s{s}" for t in ("cls", "l1", "giou", "rle") for s in range(3)}
+    assert set(losses) == names | {"loss"}
+    weights = {"cls": 1.5, "l1": 4.0, "giou": 3.0, "rle": 0.5}
+    expected = sum(weights[name.split("_")[1]] * losses[name] for name in names)
+    assert losses["loss"].item() == pytest.approx(expected.item(), rel=1e-6)
+    assert all(value.dtype == torch.float32 and value.dim() == 0 for value in losses.values())
+
+
+def test_box_and_class_terms_match_torchvision_divided_by_people():
+    targets = make_targets()
+    outputs = make_outputs(targets, num_stages=1, box_noise=4.0)
+    stage = outputs["stages"][0]
+    losses = SetCriterion()(outputs, targets, SIZES, RealNVP())
+    labels = torch.zeros(2, 4)
+    labels[0, [1, 3]] = labels[1, 0] = 1.0
+    focal = sigmoid_focal_loss(stage["logits"], labels, 0.25, 2.0, reduction="sum")
+    assert losses["loss_cls_s0"].item() == pytest.approx(focal.item() / 3, rel=1e-6)
+    predicted = torch.cat([stage["boxes"][0, [1, 3]], stage["boxes"][1, [0]]])
+    gt = torch.cat([targets[0]["boxes"][[1, 0]], targets[1]["boxes"]])
+    whwh = torch.tensor([[160.0, 120, 160, 120]] * 2 + [[100.0, 100, 100, 100]])
+    assert losses["loss_l1_s0"].item() == pytest.approx((predicted / whwh - gt / whwh).abs().sum().item() / 3)
+    giou = generalized_box_iou_loss(predicted, gt, reduction="sum")
+    assert losses["loss_giou_s0"].item() == pytest.approx(giou.item() / 3, rel=1e-6)
+
+
+def test_good_predictions_score_lower_than_bad_ones():
+    targets = make_targets()
+    flow, criterion = RealNVP(), SetCriterion()
+    good = criterion(make_outputs(targets, confident=True, sigma=0.02), targets, SIZES, flow)
+    bad = criterion(make_outputs(targets, box_noise=15.0, mu_noise=0.2, sigma=0.02), targets, SIZES, flow)
+    for term in ("cls", "l1", "giou", "rle"):
+        assert good[f"loss_{term}_s1"] < bad[f"loss_{term}_s1"], term
+    assert good["loss_l1_s0"].item() == 0.0 and good["loss_giou_s0"].item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_unlabelled_and_out_of_box_keypoints_carry_no_gradient():
+    targets = make_targets()
+    targets[1]["keypoints"][0, 5, :2] = torch.tensor([5.0, 5.0])  # labelled but outside its box
+    outputs = make_outputs(targets, num_stages=1, mu_noise=0.1)
+    SetCriterion()(outputs, targets, SIZES, RealNVP())["loss"].backward()
+    stage = outputs["stages"][0]
+    # row order: image 0's queries 1 and 3 (people 1, 0), then image 1's query 0 (person 0)
+    grad = stage["keypoint_mu"].grad
+    assert (grad[1, :3] == 0).all()  # person 0 of image 0: keypoints 0..2 unlabelled
+    assert (grad[2, 5] == 0).all() and (stage["keypoint_sigma"].grad[2, 5] == 0).all()
+    assert (grad[0] != 0).all() and (grad[1, 3:] != 0).any()
+    assert stage["boxes"].grad is not None and stage["logits"].grad is not None
+
+
+def test_normaliser_is_the_number_of_people_and_at_least_one():
+    targets = make_targets()
+    outputs = make_outputs(targets, num_stages=1, box_noise=2.0, mu_noise=0.1)
+    full = SetCriterion()(outputs, targets, SIZES, RealNVP())
+    # Same matched pairs, but one more (unmatched) person in image 1: every term is divided by 4 instead of 3.
+    extra = [targets[0], {k: torch.cat([v, v]) for k, v in targets[1].items()}]
+    more = SetCriterion()(outputs, extra, SIZES, RealNVP())
+    for name in ("loss_l1_s0", "loss_giou_s0", "loss_rle_s0", "loss_cls_s0"):
+        assert more[name].item() == pytest.approx(full[name].item() * 3 / 4, rel=1e-5)
+    assert float(SetCriterion.num_people([{"boxes": torch.zeros(0, 4)}], torch.device("cpu"))) == 1.0
+
+
+def test_batch_without_people():
+    empty = [{"boxes": torch.zeros(0, 4), "keypoints": torch.zeros(0)} for _ in range(2)]
+    outputs = {
+        "stages": [
+            {
+                "logits": torch.zeros(2, 4, requires_grad=True),
+                "boxes": torch.rand(2, 4, 4),
+                "indices": [(torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long))] * 2,
+                "keypoint_mu": torch.zeros(0, K, 2),
+                "keypoint_sigma": torch.zeros(0, K, 2),
+                "keypoint_boxes": torch.zeros(0, 4),
+            }
+        ]
+    }
+    losses = SetCriterion()(outputs, empty, SIZES, RealNVP())
+    expected = sigmoid_focal_loss(torch.zeros(2, 4), torch.zeros(2, 4), reduction="sum")  # all background
+    assert losses["loss_cls_s0"].item() == pytest.approx(expected.item())
+    assert losses["loss_l1_s0"].item() == losses["loss_rle_s0"].item() == 0.0
+
+
+def _count_people(rank: int, world_size: int, port: int, queue) -> None:
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+    targets = [{"boxes": torch.zeros(1 + 2 * rank, 4)}]  # rank 0: 1 person, rank 1: 3 people
+    queue.put((rank, float(SetCriterion.num_people(targets, torch.device("cpu")))))
+    dist.destroy_process_group()
+
+
+def test_normaliser_is_averaged_over_workers():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    context = mp.get_context("spawn")
+    queue = context.SimpleQueue()
+    mp.start_processes(_count_people, args=(2, port, queue), nprocs=2, start_method="spawn")
+    assert sorted(queue.get() for _ in range(2)) == [(0, 2.0), (1, 2.0)]
