@@ -12,6 +12,7 @@ from torch import nn
 from torchvision.ops import FeaturePyramidNetwork
 
 from querypose.config import ModelConfig
+from querypose.weights import read_tensor_file
 
 # config name -> (timm model name, out_indices of the stride 4/8/16/32 features, extra timm kwargs)
 TIMM_BACKBONES = {
@@ -64,17 +65,9 @@ class Backbone(nn.Module):
 
 def load_backbone_weights(body: nn.Module, path: str | Path) -> None:
     """Load a local timm checkpoint into the features-only backbone, naming the file in every error."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"backbone weights file {path} does not exist")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # torch raises several types for corrupt or non-tensor files
-        raise ValueError(f"backbone weights file {path} could not be loaded: {error}") from error
-    if isinstance(state, dict) and "state_dict" in state:
+    state = read_tensor_file(path, "backbone weights file")
+    if isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
-    if not isinstance(state, dict):
-        raise ValueError(f"backbone weights file {path} does not hold a state_dict")
     # BatchNorm's step counter means nothing to frozen statistics; a classification checkpoint's head (fc.*) has
     # no place in a features-only model.
     expected = {k: v for k, v in body.state_dict().items() if not k.endswith("num_batches_tracked")}

@@ -21,17 +21,23 @@ def save_weights(model: nn.Module, cfg: ModelConfig, path: str | Path) -> Path:
     return path
 
 
-def load_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], ModelConfig | None]:
-    """Read weights saved by save_weights (or a bare state_dict); returns (state_dict, config or None)."""
+def read_tensor_file(path: str | Path, what: str = "weights file") -> dict:
+    """torch.load a dict of tensors safely (weights_only=True); every error names `what` and the path."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"weights file {path} does not exist")
+        raise FileNotFoundError(f"{what} {path} does not exist")
     try:
         content = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises several types for corrupt or non-tensor files
-        raise ValueError(f"weights file {path} could not be loaded: {error}") from error
+        raise ValueError(f"{what} {path} could not be loaded: {error}") from error
     if not isinstance(content, dict):
-        raise ValueError(f"weights file {path} does not hold a state_dict")
+        raise ValueError(f"{what} {path} does not hold a state_dict")
+    return content
+
+
+def load_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], ModelConfig | None]:
+    """Read weights saved by save_weights (or a bare state_dict); returns (state_dict, config or None)."""
+    content = read_tensor_file(path)
     if "model" in content and isinstance(content["model"], dict):
         config = content.get("model_config")
         return content["model"], ModelConfig.from_dict(config) if config else None
