@@ -1,0 +1,150 @@
+"""How fast does a small QueryPose learn on CPU? Keypoint AP on a held-out synthetic split against training time.
+
+Trains a small configuration (below; dotted overrides change it) on the synthetic dataset with the real training
+step (matching, set losses, RLE, AdamW, clipping, augmentation) for a budget of training wall-clock minutes,
+evaluating COCO keypoint AP on a held-out synthetic split (a different generator seed) every --eval-every
+minutes. Evaluation time is not counted in the budget. Prints a table and writes the AP-vs-minutes curve.
+
+    python benchmarks/learning.py --minutes 20 --threads 2 --json benchmarks/results/learning.json
+    python benchmarks/learning.py --minutes 5 model.num_stages=2          # a quick check
+
+Goal: AP >= 0.5 within 20 minutes on 2 cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(PROJECT_ROOT))
+sys.path.insert(0, str(PROJECT_ROOT / "experiments"))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+GOAL_AP, GOAL_MINUTES = 0.5, 20.0
+
+# A small CPU configuration: the paper's architecture at reduced widths on small synthetic images.
+SMALL = {
+    "model": {
+        "backbone": "resnet18",
+        "hidden_dim": 128,
+        "ffn_dim": 256,
+        "num_heads": 4,
+        "dynamic_dim": 16,
+        "tower_channels": 64,
+        "tower_convs": 2,
+        "part_dim": 32,
+        "num_queries": 12,
+        "num_stages": 2,
+        "test_short_side": 224,
+        "test_max_size": 320,
+    },
+    "data": {
+        "synthetic": {"train_images": 400, "val_images": 50, "image_size": 224, "seed": 0},
+        "train_short_sides": [192, 208, 224, 240, 256],
+        "train_max_size": 320,
+        "crop_resize_sides": [224, 256],
+        "crop_size": [160, 224],
+    },
+    "train": {
+        "max_iters": 1_000_000,  # the time budget stops training
+        "batch_size": 4,
+        "lr": 5.0e-4,
+        "weight_decay": 1.0e-4,
+        "warmup_iters": 100,
+        "warmup_factor": 0.01,
+        "lr_steps": [],
+        "clip_grad": 1.0,
+        "seed": 0,
+    },
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--minutes", type=float, default=20.0, help="training wall-clock budget")
+    parser.add_argument("--eval-every", type=float, default=None, help="minutes between evaluations")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--synthetic-root", type=Path, default=PROJECT_ROOT / "data" / "synthetic")
+    parser.add_argument("--json", type=Path, help="write the curve here")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides of the small config, e.g. train.lr=1e-3")
+    args = parser.parse_args(argv)
+
+    import train_local
+
+    from querypose.engine import coco_samples, evaluate, train_step
+    from querypose_platform.config import ExperimentConfig, apply_overrides
+
+    cfg = ExperimentConfig.from_dict(apply_overrides(json.loads(json.dumps(SMALL)), args.overrides))
+    torch.set_num_threads(args.threads)
+    device = torch.device("cpu")
+    eval_every = args.eval_every or max(1.0, args.minutes / 10)
+
+    splits = train_local.synthetic_splits(cfg, args.synthetic_root)
+    train_samples = list(coco_samples(*splits["train"]))
+    val_samples = list(coco_samples(*splits["val"]))
+    model, criterion, optimizer, scheduler = train_local.build_training(cfg, device)
+    batches = train_local.training_batches(train_samples, cfg, np.random.default_rng(cfg.train.seed))
+    print(f"[learning] {len(train_samples)} train / {len(val_samples)} held-out images, {args.threads} threads, "
+          f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters")  # fmt: skip
+
+    curve: list[dict] = []
+    trained_s = cpu_s = 0.0
+    iteration, next_eval, recent = 0, eval_every * 60, []
+
+    def record() -> None:
+        metrics = evaluate(model, val_samples, splits["val"][0], cfg.model.dataset)
+        point = {"minutes": round(trained_s / 60, 2), "iterations": iteration, "cpu_minutes": round(cpu_s / 60, 2),
+                 "loss": round(float(np.mean(recent)), 3) if recent else None, **metrics}  # fmt: skip
+        curve.append(point)
+        print(f"[learning] {point['minutes']:6.2f} min  it {iteration:6d}  loss {point['loss']}  "
+              f"AP {metrics['AP']:.3f}  AP50 {metrics['AP50']:.3f}  AR {metrics['AR']:.3f}", flush=True)  # fmt: skip
+        recent.clear()
+
+    while trained_s < args.minutes * 60:
+        wall, cpu = time.perf_counter(), time.process_time()
+        images, image_sizes, targets = next(batches)
+        terms = train_step(model, criterion, optimizer, scheduler, images, image_sizes, targets, cfg.train.clip_grad)
+        trained_s += time.perf_counter() - wall
+        cpu_s += time.process_time() - cpu
+        iteration += 1
+        recent.append(terms["loss"])
+        if trained_s >= next_eval:
+            record()
+            next_eval += eval_every * 60
+    if not curve or curve[-1]["iterations"] != iteration:
+        record()
+
+    final_ap = curve[-1]["AP"]
+    reached = next((p["minutes"] for p in curve if p["AP"] >= GOAL_AP), None)
+    print("\n minutes  iterations      AP    AP50    AP75      AR")
+    for p in curve:
+        print(f"{p['minutes']:8.2f}  {p['iterations']:10d}  {p['AP']:6.3f}  {p['AP50']:6.3f}  {p['AP75']:6.3f}  {p['AR']:6.3f}")
+    verdict = f"reached AP {GOAL_AP} at {reached} min" if reached is not None else f"AP {GOAL_AP} not reached"
+    print(f"final AP {final_ap:.3f} after {curve[-1]['minutes']} min ({iteration} iterations); {verdict}")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        report = {
+            "benchmark": "learning",
+            "threads": args.threads,
+            "budget_minutes": args.minutes,
+            "device": platform.processor() or platform.machine(),
+            "torch": torch.__version__,
+            "config": cfg.to_dict() | {"tracking": None, "run": None},
+            "curve": curve,
+            "final_ap": final_ap,
+            "goal": {"ap": GOAL_AP, "minutes": GOAL_MINUTES, "reached_at_minutes": reached},
+        }
+        args.json.write_text(json.dumps(report, indent=2, default=str))
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
