@@ -125,7 +125,9 @@ def main(argv: list[str] | None = None) -> int:
     reached = next((p["minutes"] for p in curve if p["AP"] >= GOAL_AP), None)
     print("\n minutes  iterations      AP    AP50    AP75      AR")
     for p in curve:
-        print(f"{p['minutes']:8.2f}  {p['iterations']:10d}  {p['AP']:6.3f}  {p['AP50']:6.3f}  {p['AP75']:6.3f}  {p['AR']:6.3f}")
+        print(
+            f"{p['minutes']:8.2f}  {p['iterations']:10d}  {p['AP']:6.3f}  {p['AP50']:6.3f}  {p['AP75']:6.3f}  {p['AR']:6.3f}"
+        )
     verdict = f"reached AP {GOAL_AP} at {reached} min" if reached is not None else f"AP {GOAL_AP} not reached"
     print(f"final AP {final_ap:.3f} after {curve[-1]['minutes']} min ({iteration} iterations); {verdict}")
     if args.json:

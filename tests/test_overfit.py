@@ -7,8 +7,6 @@ would not converge onto the people, or the poses would not land on their keypoin
 import dataclasses
 from pathlib import Path
 
-import numpy as np
-import pytest
 import torch
 from torchvision.ops import box_iou
 
@@ -97,4 +95,3 @@ def test_overfits_two_real_photos(fixtures_dir: Path):
     cfg = dataclasses.replace(SMALL, test_short_side=256, test_max_size=512)
     history, predictions = overfit(samples, cfg, steps=120)
     check_learned(history, predictions, samples, min_oks=0.3)
-
