@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python experiments/demo.py
+	$(BIN)/python experiments/ablation_grid.py --config experiments/configs/ablation_synthetic.yaml
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -20,7 +20,11 @@ VIDEO_SUFFIXES = {".mp4", ".avi", ".mov", ".mkv", ".webm"}
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("inputs", nargs="+", type=Path, help="images, folders of images, or videos")
-    parser.add_argument("--weights", help="weights file from training (or a bare state_dict with --config)")
+    parser.add_argument(
+        "--weights",
+        help="weights file from training (or a bare state_dict with --config), models:/NAME/VERSION or "
+        "an MLflow run id",
+    )
     parser.add_argument("--config", type=Path, help="experiment YAML whose model section describes the network")
     parser.add_argument("--out", type=Path, required=True, help="output folder for pictures and results.json")
     parser.add_argument("--min-score", type=float, default=0.3, help="draw poses scoring at least this")
@@ -57,6 +61,11 @@ def build(weights: str | None, config: Path | None):
         from querypose_platform.config import load_config
 
         model_cfg = load_config(config).model
+    if weights and not Path(weights).is_file() and (weights.startswith("models:/") or "/" not in weights):
+        from querypose_platform.config import load_config
+        from querypose_platform.inference import resolve_weights
+
+        weights = str(resolve_weights(weights, load_config(config).tracking)[0])  # registry URI or MLflow run id
     if weights:
         state, saved_cfg = load_weights(weights)
         if saved_cfg is not None and config is None:

@@ -52,12 +52,19 @@ def train_step(
     if not math.isfinite(logged["loss"]):
         raise FloatingPointError(f"non-finite loss at this step: {logged}")
     optimizer.zero_grad(set_to_none=True)
-    losses["loss"].backward()
+    (losses["loss"] + _touch_all_parameters(model)).backward()
     logged["grad_norm"] = clip_gradients(model, max_grad_norm)
     optimizer.step()
     scheduler.step()
     logged["lr"] = optimizer.param_groups[0]["lr"]
     return logged
+
+
+def _touch_all_parameters(model: nn.Module) -> torch.Tensor:
+    """Zero that depends on every trainable parameter. A batch without people leaves the keypoint heads unused
+    on that rank; DDP (find_unused_parameters=False, which the flow's use outside forward requires) then waits
+    for gradients that never come. A zero-weighted touch gives each parameter a zero gradient instead."""
+    return sum(p.view(-1)[0] for p in model.parameters() if p.requires_grad) * 0.0
 
 
 # --- evaluation ----------------------------------------------------------------------------------------------

@@ -130,7 +130,10 @@ def sample_to_target(sample: dict, num_keypoints: int | None = None) -> tuple[to
             f"sample {sample.get('image_id', '?')}: field 'keypoints' must be (P, K, 3) with P = {len(boxes)} "
             f"boxes, got {keypoints.shape}"
         )
-    pixels = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float()
+    image = np.ascontiguousarray(image)
+    if not image.flags.writeable:  # arrays handed over by Ray Data are read-only views
+        image = image.copy()
+    pixels = torch.from_numpy(image).permute(2, 0, 1).float()
     return pixels, {"boxes": torch.from_numpy(boxes), "keypoints": torch.from_numpy(keypoints)}
 
 

@@ -110,6 +110,7 @@ class ScalingConfig:
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 1.0
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    extra_resources: dict[str, float] = field(default_factory=dict)  # custom resources each worker needs
 
     def __post_init__(self) -> None:
         if self.num_workers < 1:
@@ -136,6 +137,9 @@ class TuneConfig:
     mode: Literal["max", "min"] = "max"
     max_concurrent_trials: int = 1
     register_model: str | None = "querypose-ablation-best"
+    # A trial only drives its TorchTrainer (the workers ask for their own resources); keep it small so a
+    # 2-core machine still has a CPU for the Ray Data tasks.
+    trial_cpus: float = 0.01
 
     def __post_init__(self) -> None:
         for axis, values in self.axes.items():

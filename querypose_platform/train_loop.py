@@ -1,0 +1,338 @@
+"""The per-worker training function of `ray.train.torch.TorchTrainer`.
+
+Every rank runs the same loop: DDP model (gloo on CPU, NCCL on GPU), its split of the Ray Data train stream,
+the shared `querypose.engine.train_step`, periodic distributed evaluation on the val shards (each rank predicts
+its own images, rank 0 scores them all), `ray.train.report` on every rank with rank 0's checkpoint. Rank 0 alone
+talks to MLflow. A retried or resumed attempt restores model, optimiser, scheduler and iteration from
+`ray.train.get_checkpoint()` and keeps logging into the same MLflow run without repeating a metric step.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import ray.train
+import ray.train.torch
+import torch
+import torch.distributed as dist
+
+from querypose import build_model
+from querypose.criterion import SetCriterion
+from querypose.engine import to_coco_results, train_step, unwrap
+from querypose.evaluation import METRIC_NAMES, evaluate_keypoints
+from querypose.keypoints import get_spec
+from querypose.optim import build_optimizer, build_scheduler
+from querypose.weights import read_tensor_file, save_weights
+from querypose_platform import plots
+from querypose_platform.config import ExperimentConfig
+from querypose_platform.data import BatchCollator
+from querypose_platform.shards import gt_json_path
+from querypose_platform.tracking import RunLogger
+
+CHECKPOINT_FILE = "state.pt"
+EVAL_BATCH_SIZE = 4
+FAULT_GRACE_S = 5.0
+
+
+def val_dataset_name(rank: int) -> str:
+    """Each rank predicts its own part of the val set (Train's split may drop rows to even out the workers)."""
+    return f"val_{rank}"
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """config = {"experiment": ExperimentConfig.to_dict(), "mlflow_run_id": str}."""
+    cfg = ExperimentConfig.from_dict(config["experiment"])
+    run_id = config["mlflow_run_id"]
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    device = ray.train.torch.get_device()
+    torch.manual_seed(cfg.train.seed)
+
+    model = build_model(cfg.model)
+    criterion = SetCriterion.from_config(cfg.model)
+    optimizer = build_optimizer(model, cfg.train.lr, cfg.train.weight_decay, cfg.train.flow_lr_mult)
+    scheduler = build_scheduler(
+        optimizer, cfg.train.warmup_iters, cfg.train.warmup_factor, cfg.train.lr_steps, cfg.train.lr_gamma
+    )
+    start_iteration, latest_eval = restore(ray.train.get_checkpoint(), model, optimizer, scheduler)
+    model = ray.train.torch.prepare_model(model)
+    autocast = torch.bfloat16 if cfg.train.amp and device.type == "cuda" else None
+
+    logger = RunLogger(cfg.tracking, run_id) if rank == 0 else None
+    monitor = start_system_metrics(cfg, run_id, resumed=start_iteration > 0) if rank == 0 else None
+    if logger is not None and start_iteration == 0:
+        logger.log_text(cfg.to_yaml(), "config/resolved.yaml")
+    elif logger is not None:
+        logger.client.set_tag(run_id, "querypose.resumed_from_iteration", str(start_iteration))
+
+    num_keypoints = get_spec(cfg.model.dataset).num_keypoints
+    collate = BatchCollator(num_keypoints)
+    batches = endless_batches(ray.train.get_dataset_shard("train"), cfg.per_worker_batch_size, collate, cfg.train.seed)
+    val_shard = ray.train.get_dataset_shard(val_dataset_name(rank))
+    window = StepWindow()
+    consumed: list[int] = []  # image ids this rank trained on since its last checkpoint
+    iteration = start_iteration
+    try:
+        while iteration < cfg.train.max_iters:
+            started = time.perf_counter()
+            batch = next(batches).to(device)
+            fetched = time.perf_counter()
+            terms = train_step(
+                model, criterion, optimizer, scheduler, batch.images, batch.image_sizes, batch.targets,
+                cfg.train.clip_grad, autocast,
+            )  # fmt: skip
+            iteration += 1
+            window.add(fetched - started, time.perf_counter() - started, len(batch.image_ids), batch.dropped)
+            consumed.extend(batch.image_ids.tolist())
+            inject_fault(cfg, iteration, start_iteration, rank, world)
+
+            is_last = iteration == cfg.train.max_iters
+            metrics: dict[str, float] = {}
+            if iteration % cfg.train.log_every == 0 or is_last:
+                metrics = {**mean_over_ranks(terms), **window.flush(world)}
+                if logger is not None:
+                    logger.log_metrics(metrics, iteration, "train")
+            if iteration % cfg.train.eval_every == 0 or is_last:
+                latest_eval, records = evaluate_distributed(model, val_shard, cfg, rank, world, collate)
+                if logger is not None and logger.log_metrics(latest_eval, iteration, "val"):
+                    logger.log_json(latest_eval, f"eval/metrics_{iteration:07d}.json")
+                    logger.log_json(records, f"eval/predictions_{iteration:07d}.json")
+            if metrics or iteration % cfg.train.checkpoint_every == 0 or is_last:
+                report(iteration, metrics, latest_eval, model, optimizer, scheduler, cfg, run_id, rank, consumed)
+        if iteration == start_iteration:  # a finished run started again: report its last state, train nothing
+            ray.train.report({"iteration": iteration, **latest_eval})
+        elif logger is not None:
+            log_final_artifacts(logger, model, cfg, val_shard, collate)
+    finally:
+        if monitor is not None:
+            monitor.finish()
+
+
+def restore(checkpoint: ray.train.Checkpoint | None, model, optimizer, scheduler) -> tuple[int, dict]:
+    """Load a checkpoint's training state into the (unwrapped) objects; returns (the iteration to go on from,
+    the last eval metrics)."""
+    if checkpoint is None:
+        return 0, {}
+    with checkpoint.as_directory() as folder:
+        state = read_tensor_file(Path(folder) / CHECKPOINT_FILE, "checkpoint")
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    return int(state["iteration"]), dict(state.get("eval", {}))
+
+
+def report(iteration, metrics, latest_eval, model, optimizer, scheduler, cfg, run_id, rank, consumed) -> None:
+    """ray.train.report on every rank (it is a barrier). When a checkpoint is due, every rank contributes the
+    image ids it trained on since the previous one (data/rank<r>.json: shards are auditable) and rank 0 adds the
+    training state; Ray merges the ranks' folders into one checkpoint."""
+    reported = {
+        "iteration": iteration,
+        **metrics,
+        **dict.fromkeys(METRIC_NAMES[cfg.model.dataset], math.nan),
+        **latest_eval,
+    }
+    due = iteration % cfg.train.checkpoint_every == 0 or iteration == cfg.train.max_iters
+    if not due:
+        ray.train.report(reported)
+        return
+    with tempfile.TemporaryDirectory(prefix="querypose-ckpt-") as folder:
+        (Path(folder) / "data").mkdir()
+        (Path(folder) / "data" / f"rank{rank}.json").write_text(json.dumps(consumed))
+        consumed.clear()
+        if rank != 0:
+            ray.train.report(reported, checkpoint=ray.train.Checkpoint.from_directory(folder))
+            return
+        state = {
+            "model": unwrap(model).state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "iteration": iteration,
+            "mlflow_run_id": run_id,
+            "eval": latest_eval,
+            "config": cfg.to_dict(),
+        }  # bf16 autocast needs no GradScaler, so there is no scaler state to keep
+        torch.save(state, Path(folder) / CHECKPOINT_FILE)
+        (Path(folder) / "config.yaml").write_text(cfg.to_yaml())
+        ray.train.report(reported, checkpoint=ray.train.Checkpoint.from_directory(folder))
+
+
+def endless_batches(shard, batch_size: int, collate, seed: int) -> Iterator:
+    """Batches from the worker's shard of the train stream, starting a new pass whenever one ends."""
+    undecodable = 0  # rows dropped from batches that had no valid image left: counted with the next batch
+    while True:
+        produced = False
+        for batch in shard.iter_torch_batches(
+            batch_size=batch_size,
+            collate_fn=collate,
+            drop_last=True,
+            local_shuffle_buffer_size=4 * batch_size,
+            local_shuffle_seed=seed,
+        ):
+            if len(batch.image_ids) == 0:
+                undecodable += batch.dropped
+                continue
+            batch.dropped += undecodable
+            undecodable = 0
+            produced = True
+            yield batch
+        if not produced:
+            raise RuntimeError(f"the train shard gave no full batch of {batch_size}: too few valid images")
+
+
+class StepWindow:
+    """Throughput, data-wait share and dropped rows over the steps since the last log line."""
+
+    def __init__(self) -> None:
+        self.wait = self.total = 0.0
+        self.images = self.steps = 0
+        self.dropped_total = 0
+
+    def add(self, wait_s: float, step_s: float, images: int, dropped: int) -> None:
+        self.wait += wait_s
+        self.total += step_s
+        self.images += images
+        self.steps += 1
+        self.dropped_total += dropped
+
+    def flush(self, world: int) -> dict[str, float]:
+        # Summed over ranks: images/s of the whole job, and rows dropped so far in this attempt by all ranks.
+        summed = sum_over_ranks([self.images, self.dropped_total, self.wait, self.total])
+        images, dropped, wait, total = summed.tolist()
+        out = {
+            "images_per_s": images / max(total / world, 1e-9),
+            "data_wait_share": wait / max(total, 1e-9),
+            "dropped_rows": dropped,
+        }
+        self.wait = self.total = 0.0
+        self.images = self.steps = 0
+        return out
+
+
+def sum_over_ranks(values: list[float]) -> torch.Tensor:
+    tensor = torch.tensor(values, dtype=torch.float64)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        device = torch.device("cuda") if dist.get_backend() == "nccl" else torch.device("cpu")
+        tensor = tensor.to(device)
+        dist.all_reduce(tensor)
+    return tensor.cpu()
+
+
+def mean_over_ranks(terms: dict[str, float]) -> dict[str, float]:
+    """Each loss term averaged over the ranks: with the criterion's shared normaliser this equals the loss of
+    the whole global batch."""
+    names = sorted(terms)
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    summed = sum_over_ranks([terms[name] for name in names])
+    averaged = {name: value / world for name, value in zip(names, summed.tolist(), strict=True)}
+    averaged["lr"] = terms["lr"]  # the same on every rank
+    return averaged
+
+
+@torch.no_grad()
+def predict_shard(model, shard, collate) -> list[dict]:
+    """COCO result records for this rank's val images, in original image pixels."""
+    module = unwrap(model)
+    was_training = module.training
+    module.eval()
+    device = module.pixel_mean.device
+    records: list[dict] = []
+    for batch in shard.iter_torch_batches(batch_size=EVAL_BATCH_SIZE, collate_fn=collate):
+        batch = batch.to(device)
+        results = module.inference(batch.images, batch.image_sizes)
+        for poses, image_id, (sx, sy) in zip(results, batch.image_ids.tolist(), batch.scales.tolist(), strict=True):
+            keypoints = poses["keypoints"].cpu().clone()
+            keypoints[..., 0] /= sx
+            keypoints[..., 1] /= sy
+            records.extend(to_coco_results({"keypoints": keypoints, "scores": poses["scores"].cpu()}, image_id))
+    module.train(was_training)
+    return records
+
+
+def evaluate_distributed(
+    model, shard, cfg: ExperimentConfig, rank: int, world: int, collate
+) -> tuple[dict[str, float], list[dict]]:
+    """Every rank predicts its val images; rank 0 gathers and scores them. Returns (metrics, on every rank;
+    the gathered COCO result records)."""
+    records = predict_shard(model, shard, collate)
+    if world > 1:
+        gathered: list[list[dict]] = [[] for _ in range(world)]
+        dist.all_gather_object(gathered, records)
+        records = [record for part in gathered for record in part]
+    metrics = [{}]
+    if rank == 0:
+        gt = gt_json_path(cfg.data.split_uri(cfg.data.val_split))
+        metrics = [evaluate_keypoints(gt, records, cfg.model.dataset)]
+    if world > 1:
+        dist.broadcast_object_list(metrics, src=0)
+    return metrics[0], records
+
+
+def inject_fault(cfg: ExperimentConfig, iteration: int, start_iteration: int, rank: int, world: int) -> None:
+    """Fault injection for tests and drills: the last rank's process dies at train.fail_at_iter, once (an
+    attempt that resumed from a checkpoint does not die again)."""
+    if cfg.train.fail_at_iter == iteration and start_iteration == 0 and rank == world - 1:
+        # The controller collects reports by polling the workers (every 2 s by default): wait for it to take
+        # the last checkpoint, as it would have for a crash that comes some time after one.
+        time.sleep(FAULT_GRACE_S)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def start_system_metrics(cfg: ExperimentConfig, run_id: str, resumed: bool):
+    """MLflow's own system-metrics sampler (CPU, memory, GPU) logging into the training run."""
+    if not cfg.tracking.system_metrics:
+        return None
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    monitor = SystemMetricsMonitor(run_id, sampling_interval=10, resume_logging=resumed, tracking_uri=cfg.tracking.uri)
+    monitor.start()
+    return monitor
+
+
+def log_final_artifacts(logger: RunLogger, model, cfg: ExperimentConfig, val_shard, collate) -> None:
+    """Final weights (querypose.weights format), loss/AP curves and a SPEGM attention picture."""
+    with tempfile.TemporaryDirectory(prefix="querypose-final-") as folder:
+        weights = save_weights(unwrap(model), cfg.model, Path(folder) / "model.pt")
+        logger.log_file(weights, "model")
+        (Path(folder) / "config.yaml").write_text(cfg.to_yaml())
+        logger.log_file(Path(folder) / "config.yaml", "model")
+    curves = {name: logger.metric_history(name) for name in ("train/loss", "val/AP")}
+    logger.log_figure(plots.curves_figure(curves), "plots/curves.png")
+    picture = attention_picture(model, val_shard, collate, cfg)
+    if picture is not None:
+        logger.log_figure(picture, "plots/spegm_attention.png")
+
+
+@torch.no_grad()
+def attention_picture(model, val_shard, collate, cfg: ExperimentConfig):
+    """The paper's Figure 5 on the first val image: the top pose's SPEGM attention map for every part."""
+    module = unwrap(model)
+    if cfg.model.interaction != "spegm" or cfg.model.keypoint_head != "queries":
+        return None
+    for batch in val_shard.iter_torch_batches(batch_size=1, collate_fn=collate):
+        was_training = module.training
+        module.eval()
+        batch = batch.to(module.pixel_mean.device)
+        result = module.inference(batch.images, batch.image_sizes, return_attention=True)[0]
+        module.train(was_training)
+        if "attention" not in result or len(result["scores"]) == 0:
+            return None
+        height, width = batch.image_sizes[0].tolist()
+        image = batch.images[0, :, :height, :width].permute(1, 2, 0).cpu().numpy().astype(np.uint8)
+        spec = get_spec(cfg.model.dataset)
+        part_names = ["+".join(spec.keypoint_names[k] for k in part) for part in spec.parts(cfg.model.part_scheme)]
+        return plots.attention_figure(image, result["boxes"][0].cpu(), result["attention"][0].cpu(), part_names)
+    return None
+
+
+def epochs_for(cfg: ExperimentConfig, num_images: int) -> int:
+    """Passes over the train set that max_iters global batches need (at least one)."""
+    return max(1, math.ceil(cfg.train.max_iters * cfg.train.batch_size / max(num_images, 1)))

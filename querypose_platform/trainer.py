@@ -1,0 +1,98 @@
+"""Build and fit the TorchTrainer for one experiment config; shared by experiments/train.py and the Tune grid."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import ray.train
+from ray.train.torch import TorchTrainer
+
+from querypose_platform.config import ExperimentConfig
+from querypose_platform.data import build_dataset
+from querypose_platform.shards import ensure_synthetic_shards, read_manifest
+from querypose_platform.tracking import finish_run, flatten, open_run
+from querypose_platform.train_loop import epochs_for, train_loop_per_worker, val_dataset_name
+
+
+@dataclass
+class TrainOutcome:
+    run_id: str
+    metrics: dict[str, Any]
+    checkpoint_path: str | None
+
+
+def default_run_key(cfg: ExperimentConfig) -> str:
+    """Ray Train resumes a run by storage path + name, so the same pair names the same MLflow run."""
+    return f"train:{cfg.run.storage_path.rstrip('/')}/{cfg.run.name}"
+
+
+def build_datasets(cfg: ExperimentConfig) -> dict[str, ray.data.Dataset]:
+    """The train stream (every pass a new augmentation epoch) and one val part per rank."""
+    train_uri = cfg.data.split_uri(cfg.data.train_split)
+    val_uri = cfg.data.split_uri(cfg.data.val_split)
+    num_images = read_manifest(train_uri)["num_images"]
+    datasets = {"train": build_dataset(train_uri, cfg, train=True, epochs=epochs_for(cfg, num_images))}
+    workers = cfg.scaling.num_workers
+    for rank in range(workers):
+        datasets[val_dataset_name(rank)] = build_dataset(val_uri, cfg, train=False, part=(rank, workers))
+    return datasets
+
+
+def build_trainer(
+    cfg: ExperimentConfig, run_id: str, callbacks: list | None = None, datasets: dict | None = None
+) -> TorchTrainer:
+    scaling = cfg.scaling
+    resources = {"CPU": scaling.cpus_per_worker, **scaling.extra_resources}
+    if scaling.use_gpu:
+        resources["GPU"] = scaling.gpus_per_worker
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"experiment": cfg.to_dict(), "mlflow_run_id": run_id},
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=scaling.num_workers,
+            use_gpu=scaling.use_gpu,
+            resources_per_worker=resources,
+            placement_strategy=scaling.placement_strategy,
+        ),
+        datasets=datasets if datasets is not None else build_datasets(cfg),
+        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+        run_config=ray.train.RunConfig(
+            name=cfg.run.name,
+            storage_path=cfg.run.storage_path,
+            failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.run.num_to_keep),
+            callbacks=callbacks or None,
+        ),
+    )
+
+
+def fit(
+    cfg: ExperimentConfig,
+    run_key: str | None = None,
+    parent_run_id: str | None = None,
+    tags: dict[str, str] | None = None,
+    callbacks: list | None = None,
+) -> TrainOutcome:
+    """Prepare data (the synthetic default is generated on first use), open or reopen the MLflow run, fit, and
+    close the run as FINISHED, or FAILED with the error."""
+    if cfg.data.synthetic is not None:
+        ensure_synthetic_shards(cfg)
+    run_id = open_run(
+        cfg.tracking,
+        run_key or default_run_key(cfg),
+        cfg.run.name,
+        params=flatten(cfg.to_dict()),
+        tags=tags,
+        parent_run_id=parent_run_id,
+    )
+    try:
+        result = build_trainer(cfg, run_id, callbacks).fit()
+        if getattr(result, "error", None) is not None:
+            raise result.error
+    except BaseException as error:
+        finish_run(cfg.tracking, run_id, error)
+        raise
+    finish_run(cfg.tracking, run_id)
+    checkpoint = result.checkpoint.path if result.checkpoint is not None else None
+    return TrainOutcome(run_id=run_id, metrics=dict(result.metrics or {}), checkpoint_path=checkpoint)

@@ -1,0 +1,188 @@
+"""The ablation grid on Ray Tune: one function trial per cell, each fitting its own TorchTrainer; one MLflow
+parent run per grid and one child run per cell, keyed so that restores and retries never open a second run."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import re
+from pathlib import Path
+from typing import Any
+
+from ray import tune
+from ray.tune.integration.ray_train import TuneReportCallback
+
+from querypose.evaluation import METRIC_NAMES
+from querypose_platform import plots
+from querypose_platform.config import ExperimentConfig
+from querypose_platform.tracking import RunLogger, client_for, finish_run, flatten, open_run
+from querypose_platform.trainer import fit
+
+TABLE_COLUMNS = {
+    "coco": ("AP", "AP50", "AP75", "APm", "APl"),
+    "crowdpose": ("AP", "AP50", "AP75", "APe", "APm", "APh"),
+}
+CELL_TAG = "querypose.cell"
+
+
+def cell_key(cell: dict[str, Any]) -> str:
+    """A deterministic name for a cell: its switches sorted by name, e.g. 'part_dim=64,query_type=part'."""
+    return ",".join(f"{name}={cell[name]}" for name in sorted(cell))
+
+
+def cell_slug(cell: dict[str, Any]) -> str:
+    """A short, path-safe folder name for the cell's Ray Train run."""
+    readable = re.sub(r"[^A-Za-z0-9=_.-]+", "_", cell_key(cell))[:80]
+    digest = hashlib.sha1(cell_key(cell).encode()).hexdigest()[:8]
+    return f"{readable}-{digest}"
+
+
+def grid_run_key(cfg: ExperimentConfig) -> str:
+    return f"grid:{cfg.run.storage_path.rstrip('/')}/{cfg.run.name}"
+
+
+def cell_config(cfg: ExperimentConfig, cell: dict[str, Any]) -> ExperimentConfig:
+    """The experiment of one cell: the model switches applied, its own Ray Train run folder."""
+    cell_cfg = cfg.with_model(**cell)
+    run = dataclasses.replace(
+        cfg.run, name=cell_slug(cell), storage_path=str(Path(cfg.run.storage_path) / cfg.run.name / "cells")
+    )
+    return dataclasses.replace(cell_cfg, run=run)
+
+
+def run_cell(config: dict[str, Any]) -> None:
+    """Tune function trainable: fit the cell's TorchTrainer; its reports reach Tune through TuneReportCallback."""
+    cfg = ExperimentConfig.from_dict(config["experiment"])
+    cell = config["cell"]
+    parent_run_id = config["parent_run_id"]
+    fit(
+        cell_config(cfg, cell),
+        run_key=f"grid:{parent_run_id}:{cell_key(cell)}",
+        parent_run_id=parent_run_id,
+        tags={CELL_TAG: cell_key(cell), **{f"querypose.{name}": str(value) for name, value in cell.items()}},
+        callbacks=[TuneReportCallback()],
+    )
+
+
+class StopAfterTrials(tune.Stopper):
+    """Ends the whole grid once `count` trials have finished; `--resume` runs the rest later."""
+
+    def __init__(self, count: int):
+        self.count = count
+        self.finished: set[str] = set()
+
+    def __call__(self, trial_id: str, result: dict) -> bool:
+        if result.get("done"):
+            self.finished.add(trial_id)
+        return False
+
+    def stop_all(self) -> bool:
+        return len(self.finished) >= self.count
+
+
+def build_tuner(cfg: ExperimentConfig, parent_run_id: str, stop_after: int | None = None) -> tune.Tuner:
+    cells = cfg.tune.grid_cells()
+    return tune.Tuner(
+        tune.with_resources(run_cell, {"CPU": cfg.tune.trial_cpus}),
+        param_space={
+            "experiment": cfg.to_dict(),
+            "parent_run_id": parent_run_id,
+            "cell": tune.grid_search(cells),
+        },
+        tune_config=tune.TuneConfig(
+            metric=cfg.tune.metric, mode=cfg.tune.mode, max_concurrent_trials=cfg.tune.max_concurrent_trials
+        ),
+        run_config=tune.RunConfig(
+            name=cfg.run.name,
+            storage_path=cfg.run.storage_path,
+            stop=StopAfterTrials(stop_after) if stop_after else None,
+            failure_config=tune.FailureConfig(max_failures=cfg.run.max_failures),
+        ),
+    )
+
+
+def restore_tuner(cfg: ExperimentConfig) -> tune.Tuner:
+    path = str(Path(cfg.run.storage_path) / cfg.run.name)
+    if not tune.Tuner.can_restore(path):
+        raise FileNotFoundError(f"no grid to resume at {path}: run it once without --resume")
+    return tune.Tuner.restore(path, tune.with_resources(run_cell, {"CPU": cfg.tune.trial_cpus}), resume_errored=True)
+
+
+def open_parent_run(cfg: ExperimentConfig) -> str:
+    cells = cfg.tune.grid_cells()
+    params = {key: value for key, value in flatten(cfg.to_dict()).items() if not key.startswith("tune.")}
+    params["tune.cells"] = ";".join(cell_key(cell) for cell in cells)
+    return open_run(cfg.tracking, grid_run_key(cfg), cfg.run.name, params=params, tags={"querypose.grid": "parent"})
+
+
+def results_rows(cfg: ExperimentConfig, parent_run_id: str) -> list[dict[str, Any]]:
+    """One row per cell, from the child runs' last eval metrics (MLflow is the source of truth)."""
+    client = client_for(cfg.tracking)
+    experiment = client.get_experiment_by_name(cfg.tracking.experiment).experiment_id
+    children = client.search_runs([experiment], filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'")
+    by_key = {run.data.tags.get(CELL_TAG): run for run in children}
+    rows = []
+    for cell in cfg.tune.grid_cells():
+        run = by_key.get(cell_key(cell))
+        row: dict[str, Any] = {"cell": cell_key(cell), "run_id": run.info.run_id if run else "", **cell}
+        row["status"] = run.info.status if run else "MISSING"
+        for name in METRIC_NAMES[cfg.model.dataset]:
+            if run is not None and f"val/{name}" in run.data.metrics:
+                row[name] = run.data.metrics[f"val/{name}"]
+        rows.append(row)
+    return rows
+
+
+def table_markdown(rows: list[dict[str, Any]], columns: tuple[str, ...]) -> str:
+    header = "| cell | " + " | ".join(columns) + " |"
+    lines = [header, "|" + "---|" * (len(columns) + 1)]
+    for row in rows:
+        values = [f"{100 * row[c]:.1f}" if c in row else "-" for c in columns]
+        lines.append(f"| {row['cell']} | " + " | ".join(values) + " |")
+    return "\n".join(lines)
+
+
+def table_csv(rows: list[dict[str, Any]], columns: tuple[str, ...]) -> str:
+    import csv
+
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(["cell", "run_id", "status", *columns])
+    for row in rows:
+        writer.writerow([row["cell"], row["run_id"], row["status"], *(row.get(c, "") for c in columns)])
+    return buffer.getvalue()
+
+
+def log_results_table(cfg: ExperimentConfig, parent_run_id: str) -> tuple[list[dict[str, Any]], str]:
+    """The paper-layout table (rows = cells, AP columns in %) on the parent run as CSV, markdown and bars."""
+    rows = results_rows(cfg, parent_run_id)
+    columns = TABLE_COLUMNS[cfg.model.dataset]
+    markdown = table_markdown(rows, columns)
+    logger = RunLogger(cfg.tracking, parent_run_id)
+    logger.log_text(markdown + "\n", "results/table.md")
+    logger.log_text(table_csv(rows, columns), "results/table.csv")
+    logger.log_figure(plots.results_bar_figure(rows, list(columns)), "results/table.png")
+    return rows, markdown
+
+
+def register_best(cfg: ExperimentConfig, rows: list[dict[str, Any]]) -> str | None:
+    """Register the best finished cell's weights (and config) in the MLflow model registry; returns the URI."""
+    name = cfg.tune.register_model
+    scored = [row for row in rows if cfg.tune.metric in row and row["status"] == "FINISHED"]
+    if not name or not scored:
+        return None
+    pick = max if cfg.tune.mode == "max" else min
+    best = pick(scored, key=lambda row: row[cfg.tune.metric])
+    client = client_for(cfg.tracking)
+    if not client.search_registered_models(filter_string=f"name = '{name}'"):
+        client.create_registered_model(name, description="Best cell of a QueryPose ablation grid")
+    run = client.get_run(best["run_id"])
+    version = client.create_model_version(
+        name, source=f"{run.info.artifact_uri}/model", run_id=best["run_id"], tags={CELL_TAG: best["cell"]}
+    )
+    return f"models:/{name}/{version.version}"
+
+
+def close_parent(cfg: ExperimentConfig, parent_run_id: str, error: BaseException | None) -> None:
+    finish_run(cfg.tracking, parent_run_id, error)

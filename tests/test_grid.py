@@ -1,0 +1,129 @@
+"""The ablation grid on Ray Tune: parent/child MLflow runs, the results table, --resume without duplicates,
+config errors before Ray starts, and the grid as a `ray job submit` job on a head started here."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+GRID_SCRIPT = REPO_ROOT / "experiments" / "ablation_grid.py"
+SYNTHETIC_GRID = REPO_ROOT / "experiments" / "configs" / "ablation_synthetic.yaml"
+sys.path.insert(0, str(REPO_ROOT / "experiments"))
+
+TINY = [
+    "model.hidden_dim=32", "model.ffn_dim=64", "model.dynamic_dim=8", "model.tower_channels=32",
+    "model.tower_convs=1", "model.num_queries=6", "model.test_short_side=96", "model.test_max_size=128",
+    "data.synthetic={train_images: 6, val_images: 3, image_size: 96}", "data.train_short_sides=[96]",
+    "data.train_max_size=128", "data.crop_resize_sides=[96]", "data.crop_size=[64,96]", "train.max_iters=2",
+    "train.log_every=1", "train.checkpoint_every=2", "train.eval_every=2",
+    "tracking.system_metrics=false",
+]  # fmt: skip
+
+
+def grid_overrides(tmp_path: Path, cells: str) -> list[str]:
+    return [*TINY, f"data.root={tmp_path / 'shards'}", f"run.storage_path={tmp_path / 'ray_results'}",
+            f"tracking.uri=sqlite:///{tmp_path / 'mlruns.db'}", f"tracking.artifact_location={tmp_path / 'art'}",
+            f"tune.cells={cells}"]  # fmt: skip
+
+
+def grid_runs(tmp_path: Path) -> tuple[list, list]:
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlruns.db'}")
+    experiment = client.get_experiment_by_name("querypose-synthetic-grid")
+    runs = client.search_runs([experiment.experiment_id])
+    parents = [r for r in runs if r.data.tags.get("querypose.grid") == "parent"]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    return parents, children
+
+
+def test_stopped_grid_resumes_without_duplicate_runs_and_logs_the_table(ray_local, tmp_path):
+    import ablation_grid
+
+    overrides = grid_overrides(tmp_path, "[{part_dim: 32}, {part_dim: 64}]")
+    assert ablation_grid.main(["--config", str(SYNTHETIC_GRID), "--stop-after", "1", *overrides]) == 0
+    parents, children = grid_runs(tmp_path)
+    assert len(parents) == 1 and len(children) == 1 and children[0].info.status == "FINISHED"
+
+    assert ablation_grid.main(["--config", str(SYNTHETIC_GRID), "--resume", *overrides]) == 0
+    parents, children = grid_runs(tmp_path)
+    assert len(parents) == 1, "a resumed grid reuses its parent run"
+    assert sorted(r.data.tags["querypose.cell"] for r in children) == ["part_dim=32", "part_dim=64"]
+    assert all(r.info.status == "FINISHED" for r in children)
+    assert all(r.data.tags["mlflow.parentRunId"] == parents[0].info.run_id for r in children)
+    for child in children:
+        assert "val/AP" in child.data.metrics and child.data.params["model.part_dim"] in {"32", "64"}
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlruns.db'}")
+    parent = parents[0].info.run_id
+    assert parents[0].info.status == "RUNNING" or client.get_run(parent).info.status == "FINISHED"
+    assert {a.path for a in client.list_artifacts(parent, "results")} == {
+        "results/table.csv", "results/table.md", "results/table.png",
+    }  # fmt: skip
+    table = Path(client.download_artifacts(parent, "results/table.md", str(tmp_path / "dl"))).read_text()
+    assert "| cell | AP | AP50 | AP75 | APm | APl |" in table
+    assert "| part_dim=32 |" in table and "| part_dim=64 |" in table
+    # the best cell's weights are in the registry and load back through the models:/ URI
+    versions = client.search_model_versions("name = 'querypose-ablation-best'")
+    assert len(versions) == 1 and versions[0].run_id in {r.info.run_id for r in children}
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [("tune.axes={bogus_axis: [1, 2]}", "tune.axes.bogus_axis"), ("tune.cells=[]", "tune: the grid is empty")],
+)
+def test_bad_grid_fails_before_ray_starts(override, message, tmp_path):
+    started = time.perf_counter()
+    done = subprocess.run(
+        [sys.executable, str(GRID_SCRIPT), "--config", str(SYNTHETIC_GRID), override],
+        capture_output=True, text=True, timeout=120, cwd=tmp_path,
+    )  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    assert message in done.stderr
+    assert "Started a local Ray instance" not in done.stdout + done.stderr
+    assert time.perf_counter() - started < 60
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_grid_runs_as_a_ray_job_on_a_local_head(tmp_path):
+    """`ray start --head` (from this venv, on 127.0.0.1) + `ray job submit --working-dir .`, as the README says."""
+    bin_dir = Path(sys.executable).parent
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "RAY_ADDRESS": ""}
+    env.pop("RAY_ADDRESS")
+    port, dashboard = _free_port(), _free_port()
+    head = subprocess.Popen(
+        [str(bin_dir / "ray"), "start", "--head", "--block", f"--port={port}", "--node-ip-address=127.0.0.1",
+         "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--num-cpus=2", "--disable-usage-stats",
+         f"--temp-dir={tmp_path / 'ray'}"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
+    try:
+        address = f"http://127.0.0.1:{dashboard}"
+        overrides = grid_overrides(tmp_path, "[{part_dim: 32}]")
+        submit = [str(bin_dir / "ray"), "job", "submit", "--address", address, "--working-dir", str(REPO_ROOT),
+                  "--", "python", "experiments/ablation_grid.py", "--config",
+                  "experiments/configs/ablation_synthetic.yaml", *overrides]  # fmt: skip
+        deadline = time.time() + 90
+        while True:  # the job server needs a few seconds after the head starts
+            done = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=600, cwd=REPO_ROOT)
+            if done.returncode == 0 or time.time() > deadline or "Failed to connect" not in done.stdout + done.stderr:
+                break
+            time.sleep(3)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        assert "succeeded" in done.stdout.lower()
+        parents, children = grid_runs(tmp_path)
+        assert len(parents) == 1 and len(children) == 1 and children[0].info.status == "FINISHED"
+    finally:
+        os.killpg(head.pid, 15)
+        head.wait(timeout=60)
