@@ -1,11 +1,18 @@
 """Inference latency of QueryPose against torchvision's Keypoint R-CNN on the same images, threads and size.
 
-Both models run with random weights in eval mode, including each library's usual pre- and post-processing
+All models run with random weights in eval mode, including each library's usual pre- and post-processing
 (QueryPose.predict: resize, pad, decode; Keypoint R-CNN: GeneralizedRCNNTransform and its postprocess). Each
 variant runs in its own process so peak memory is its own. Prints a table and writes --json.
 
+Variants: `querypose` is the plain path (NCHW convolutions, explicit softmax attention), `querypose+opt` the
+same weights with `set_inference_options()` (channels_last, scaled_dot_product_attention; equal outputs),
+`+prune20@2` keeps the top 20 queries after stage 2 (beyond the paper), `+compile` (with --compile) adds
+torch.compile of the static-shape RoI decoders, `+bf16` runs under bfloat16 autocast (outputs change).
+Besides wall time it reports process CPU time per image: on a machine shared with other jobs the wall time
+of a 2-thread run swings with the load, its CPU time much less, so ratios of CPU time are the steadier ones.
+
     python benchmarks/latency.py --short-side 800 --repeats 5 --json benchmarks/results/latency.json
-    python benchmarks/latency.py --short-side 320 --repeats 3        # a quick run
+    python benchmarks/latency.py --short-side 320 --max-size 533 --repeats 1 --compile   # a quick run
 """
 
 from __future__ import annotations
@@ -21,15 +28,18 @@ from pathlib import Path
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_IMAGES = PROJECT_ROOT.parent / "shared" / "fixtures" / "coco" / "images"
+BASELINE = "querypose"
 
 # name -> QueryPose options; "keypoint_rcnn" is torchvision's model.
 VARIANTS = {
     "keypoint_rcnn": {},
-    "querypose": {},
-    "querypose+channels_last": {"channels_last": True},
-    "querypose+prune20@2": {"prune": (2, 20)},
-    "querypose+compile": {"compile": True},
+    "querypose": {"optimised": False},
+    "querypose+opt": {"optimised": True},
+    "querypose+opt+prune20@2": {"optimised": True, "prune": (2, 20)},
+    "querypose+opt+compile": {"optimised": True, "compile": True},
+    "querypose+opt+bf16": {"optimised": True, "bf16": True},
 }
+DEFAULT_VARIANTS = ["keypoint_rcnn", "querypose", "querypose+opt", "querypose+opt+prune20@2"]
 
 
 def load_images(folder: Path, count: int):
@@ -47,6 +57,9 @@ def load_images(folder: Path, count: int):
 def build(variant: str, options: dict, short_side: int, max_size: int, device):
     import torch
 
+    # The same random weights in every run: Keypoint R-CNN's cost follows how many detections its random
+    # weights let through (its keypoint head runs on each), so an unseeded build changes its FLOPs run to run.
+    torch.manual_seed(0)
     if variant == "keypoint_rcnn":
         from torchvision.models.detection import keypointrcnn_resnet50_fpn
 
@@ -60,11 +73,21 @@ def build(variant: str, options: dict, short_side: int, max_size: int, device):
         test_short_side=short_side, test_max_size=max_size, prune_queries_after_stage=stage, prune_keep=keep
     )
     model = build_model(cfg).eval().to(device)
-    if options.get("channels_last"):
-        model = model.to(memory_format=torch.channels_last)
+    optimised = options["optimised"]
+    model.set_inference_options(channels_last=optimised, fused_attention=optimised)
     if options.get("compile"):
-        model.backbone = torch.compile(model.backbone, dynamic=True)
+        compile_decoders(model)
     return model, lambda images: model.predict([im.to(device) for im in images])
+
+
+def compile_decoders(model) -> None:
+    """torch.compile the parts with static shapes: each keypoint stage's RoI tower and SPEGM see (R, d, 14, 14)
+    whatever the image size, so they compile once per stage. Freezing lets Inductor prepack the convolution
+    weights and fuse conv + ReLU on CPU (inference only)."""
+    for stage in model.keypoint_stages:
+        stage.tower.compile(options={"freezing": True})
+        if hasattr(stage, "spegm"):
+            stage.spegm.compile(options={"freezing": True})
 
 
 def measure(variant: str, options: dict, args: argparse.Namespace, queue) -> None:
@@ -77,35 +100,93 @@ def measure(variant: str, options: dict, args: argparse.Namespace, queue) -> Non
     model, run = build(variant, options, args.short_side, args.max_size, device)
     params = sum(p.numel() for p in model.parameters())
     model.requires_grad_(False)  # inference only; FlopCounterMode also trips over grad hooks otherwise
-    if variant == "keypoint_rcnn" or variant == "querypose":
+    flops = None
+    if not options.get("compile"):  # compiled code hides its operators from the counter
         with torch.no_grad(), FlopCounterMode(display=False) as counter:
             run(images[:1])
         flops = counter.get_total_flops()
-    else:
-        flops = None
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    dtype = torch.bfloat16 if args.bf16 else None
+    dtype = torch.bfloat16 if args.bf16 or options.get("bf16") else None
     autocast = torch.autocast(device.type, dtype=dtype) if dtype else torch.autocast(device.type, enabled=False)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    times = []
+    wall, cpu, detections = [], [], []
     with torch.no_grad(), autocast:
-        for _ in range(args.warmup):
+        start = time.perf_counter()
+        for _ in range(args.warmup):  # the first call of a compiled variant compiles
             run(images[:1])
+        warmup_s = time.perf_counter() - start
         for _ in range(args.repeats):
             for image in images:
                 sync()
-                start = time.perf_counter()
-                run([image])
+                start, start_cpu = time.perf_counter(), time.process_time()
+                result = run([image])
                 sync()
-                times.append((time.perf_counter() - start) * 1000)
+                wall.append((time.perf_counter() - start) * 1000)
+                cpu.append((time.process_time() - start_cpu) * 1000)
+                detections.append(len(result[0]["boxes"]))
     peak = (
         torch.cuda.max_memory_allocated() / 2**20
         if device.type == "cuda"
         else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     )
-    queue.put({"variant": variant, "ms_per_image": statistics.median(times), "gflops": None if flops is None else flops / 1e9,
-               "params_m": params / 1e6, "peak_mem_mb": peak})  # fmt: skip
+    queue.put(
+        {
+            "variant": variant,
+            "ms_per_image": statistics.median(wall),
+            "cpu_ms_per_image": statistics.median(cpu) if device.type == "cpu" else None,
+            "gflops": None if flops is None else flops / 1e9,
+            "params_m": params / 1e6,
+            "peak_mem_mb": peak,
+            "detections_per_image": statistics.mean(detections),
+            "warmup_s": warmup_s,
+            "wall_ms_all": wall,
+        }
+    )
+
+
+def add_ratios(rows: list[dict]) -> None:
+    """ms/image (wall and CPU) of each variant over the baseline QueryPose and over Keypoint R-CNN."""
+    by_name = {row["variant"]: row for row in rows}
+    for row in rows:
+        for key, metric in (("", "ms_per_image"), ("cpu_", "cpu_ms_per_image")):
+            for reference in (BASELINE, "keypoint_rcnn"):
+                ref = by_name.get(reference, {}).get(metric)
+                value = row[metric]
+                row[f"{key}ratio_to_{reference}"] = value / ref if value is not None and ref else None
+
+
+def print_table(rows: list[dict], args: argparse.Namespace) -> None:
+    print(
+        f"device={args.device} threads={args.threads} short_side={args.short_side} max_size={args.max_size} "
+        f"images={args.num_images} repeats={args.repeats} bf16={args.bf16}"
+    )
+    header = ("variant", "ms/img", "cpu ms/img", "GFLOPs", "params M", "peak MB", "dets/img", "/base", "cpu /base",
+              "/KRCNN", "cpu /KRCNN")  # fmt: skip
+    print(f"{header[0]:26s}" + "".join(f"{h:>11s}" for h in header[1:]))
+
+    def cell(value, spec):
+        return f"{'-' if value is None else format(value, spec):>11s}"
+
+    for row in rows:
+        print(
+            f"{row['variant']:26s}"
+            + cell(row["ms_per_image"], ".1f")
+            + cell(row["cpu_ms_per_image"], ".1f")
+            + cell(row["gflops"], ".1f")
+            + cell(row["params_m"], ".1f")
+            + cell(row["peak_mem_mb"], ".0f")
+            + cell(row["detections_per_image"], ".0f")
+            + "".join(
+                cell(row[k], ".2f")
+                for k in (
+                    f"ratio_to_{BASELINE}",
+                    f"cpu_ratio_to_{BASELINE}",
+                    "ratio_to_keypoint_rcnn",
+                    "cpu_ratio_to_keypoint_rcnn",
+                )
+            )
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -118,14 +199,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--bf16", action="store_true", help="bf16 autocast (GPU)")
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--bf16", action="store_true", help="bf16 autocast for every variant (GPU)")
+    parser.add_argument("--compile", action="store_true", help="also run querypose+opt+compile")
+    parser.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS, choices=list(VARIANTS))
     parser.add_argument("--json", type=Path, help="write the results here")
     args = parser.parse_args(argv)
+    variants = args.variants + (["querypose+opt+compile"] if args.compile else [])
+    variants = list(dict.fromkeys(variants))
 
     context = mp.get_context("spawn")
     rows = []
-    for variant in args.variants:
+    for variant in variants:
         queue = context.Queue()
         process = context.Process(target=measure, args=(variant, VARIANTS[variant], args, queue))
         process.start()
@@ -134,21 +218,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{variant}: failed (exit code {process.exitcode})", file=sys.stderr)
             continue
         rows.append(queue.get())
-    reference = next((r["ms_per_image"] for r in rows if r["variant"] == "keypoint_rcnn"), None)
-    print(
-        f"device={args.device} threads={args.threads} short_side={args.short_side} max_size={args.max_size} bf16={args.bf16}"
-    )
-    print(f"{'variant':28s} {'ms/image':>10s} {'GFLOPs':>8s} {'params M':>9s} {'peak MB':>9s} {'/ KRCNN':>8s}")
-    for row in rows:
-        ratio = row["ms_per_image"] / reference if reference else float("nan")
-        row["ratio_to_keypoint_rcnn"] = ratio
-        gflops = "-" if row["gflops"] is None else f"{row['gflops']:.1f}"
-        print(
-            f"{row['variant']:28s} {row['ms_per_image']:10.1f} {gflops:>8s} {row['params_m']:9.1f} {row['peak_mem_mb']:9.0f} {ratio:8.2f}"
-        )
+    add_ratios(rows)
+    print_table(rows, args)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"settings": vars(args) | {"json": str(args.json)}, "results": rows}, indent=1))
+        settings = vars(args) | {"json": str(args.json), "variants": variants}
+        args.json.write_text(json.dumps({"settings": settings, "results": rows}, indent=1))
     return 0
 
 

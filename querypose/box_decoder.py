@@ -7,6 +7,7 @@ import math
 import torch
 from torch import nn
 
+from querypose.attention import MultiHeadAttention
 from querypose.box_ops import MultiLevelRoIAlign, apply_deltas, rois_from_boxes
 from querypose.config import ModelConfig
 from querypose.interactions import DynamicConv
@@ -39,7 +40,7 @@ class BoxStage(nn.Module):
         super().__init__()
         dim = cfg.hidden_dim
         self.pooler = MultiLevelRoIAlign(BOX_POOL)
-        self.self_attention = nn.MultiheadAttention(dim, cfg.num_heads, batch_first=True)
+        self.self_attention = MultiHeadAttention(dim, cfg.num_heads)
         self.norm_attention = nn.LayerNorm(dim)
         self.dynamic_conv = DynamicConv(dim, cfg.dynamic_dim, BOX_POOL * BOX_POOL)
         self.norm_dynamic = nn.LayerNorm(dim)
@@ -59,7 +60,7 @@ class BoxStage(nn.Module):
         rois = rois_from_boxes(boxes.reshape(-1, 4), image_index)
         tokens = self.pooler(features, rois).flatten(2).transpose(1, 2)  # (B*N, 49, d)
 
-        attended = self.self_attention(queries, queries, queries, need_weights=False)[0]
+        attended = self.self_attention(queries)  # among the N queries of an image
         queries = self.norm_attention(queries + attended).reshape(-1, dim)  # (B*N, d)
         queries = self.norm_dynamic(queries + self.dynamic_conv(queries, tokens))
         queries = self.ffn(queries)

@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from querypose.attention import MultiHeadAttention
+
 
 class DynamicConv(nn.Module):
     """Sparse R-CNN's dynamic interaction (DyMLP-channel): each query generates a 2-layer MLP for the tokens.
@@ -54,11 +56,10 @@ class SelfAttentionInteraction(nn.Module):
 
     def __init__(self, dim: int, dynamic_dim: int, num_tokens: int, num_heads: int) -> None:
         super().__init__()
-        self.attention = nn.MultiheadAttention(dim, num_heads, batch_first=True)
+        self.attention = MultiHeadAttention(dim, num_heads)
 
     def forward(self, queries: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        sequence = torch.cat([queries, tokens], dim=1)  # (R, Q + L, C)
-        return self.attention(queries, sequence, sequence, need_weights=False)[0]
+        return self.attention(queries, torch.cat([queries, tokens], dim=1))  # keys/values (R, Q + L, C)
 
 
 class DynamicSpatialInteraction(nn.Module):

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import roi_align
 
+from querypose.attention import MultiHeadAttention
 from querypose.box_decoder import FeedForward
 from querypose.box_ops import rois_from_boxes
 from querypose.config import ModelConfig
@@ -57,9 +58,9 @@ class PartHeads(nn.Module):
         norm = per_output.norm(dim=-1).clamp_min(1e-6)
         mu = (per_output * self.mu_weight).sum(-1) / norm + self.mu_bias  # (R, 2K)
         sigma = torch.sigmoid((per_output * self.sigma_weight).sum(-1) + self.sigma_bias)
-        num_rois = queries.shape[0]
-        mu = mu.view(num_rois, -1, 2)[:, self.to_keypoint_order]
-        sigma = sigma.view(num_rois, -1, 2)[:, self.to_keypoint_order]
+        shape = (queries.shape[0], len(self.to_keypoint_order), 2)  # R may be 0: an image without people
+        mu = mu.view(shape)[:, self.to_keypoint_order]
+        sigma = sigma.view(shape)[:, self.to_keypoint_order]
         return mu, sigma
 
 
@@ -105,7 +106,7 @@ class KeypointStage(nn.Module):
                     part_dim, cfg.dynamic_dim, NUM_TOKENS, cfg.num_heads
                 )
             self.iteration = ITERATIONS[cfg.iteration](part_dim)
-            self.part_attention = nn.MultiheadAttention(part_dim, cfg.num_heads, batch_first=True)
+            self.part_attention = MultiHeadAttention(part_dim, cfg.num_heads)
             self.part_norm = nn.LayerNorm(part_dim)
             self.part_ffn = FeedForward(part_dim, cfg.ffn_dim)
             self.heads = PartHeads(part_dim, spec, cfg.part_scheme)
@@ -162,7 +163,7 @@ class KeypointStage(nn.Module):
         else:
             embeddings = self.interaction(previous + context, self.token_projection(tokens))
         queries = self.iteration(embeddings, previous)  # (R, M, d_p)
-        attended = self.part_attention(queries, queries, queries, need_weights=False)[0]
+        attended = self.part_attention(queries)  # among the M parts of an instance
         queries = self.part_ffn(self.part_norm(queries + attended))
         out["part_queries"] = queries
         out["mu"], out["sigma"] = self.heads(queries)

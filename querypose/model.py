@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import box_convert
 
+from querypose.attention import MultiHeadAttention
 from querypose.backbone import Backbone
 from querypose.box_decoder import BoxStage
 from querypose.config import ModelConfig
@@ -38,6 +39,12 @@ class QueryPose(nn.Module):
         self.cfg = cfg
         self.spec = get_spec(cfg.dataset)
         self.uses_part_queries = cfg.keypoint_head == "queries" and cfg.query_type == "part"
+        # Whether a keypoint stage updates state that later stages read: the serial pipeline's instance queries,
+        # or part queries that the next stage iterates (SIM/sum/concat) or feeds to a token interaction.
+        self.keypoint_stages_carry_state = cfg.instance_pipeline == "serial" or (
+            self.uses_part_queries and (cfg.iteration != "none" or cfg.interaction != "spegm")
+        )
+        self.channels_last = False
         num_parts = len(self.spec.parts(cfg.part_scheme))
         self.backbone = Backbone(cfg)
         self.box_stages = nn.ModuleList(BoxStage(cfg) for _ in range(cfg.num_stages))
@@ -63,7 +70,29 @@ class QueryPose(nn.Module):
         # Padding stays zero after normalisation, as if the image had been normalised before padding.
         rows = torch.arange(images.shape[2], device=images.device)[None, :, None] < image_sizes[:, 0, None, None]
         cols = torch.arange(images.shape[3], device=images.device)[None, None, :] < image_sizes[:, 1, None, None]
-        return self.backbone(normalised * (rows & cols)[:, None].to(normalised.dtype))
+        normalised = normalised * (rows & cols)[:, None].to(normalised.dtype)
+        if self.channels_last:
+            normalised = normalised.contiguous(memory_format=torch.channels_last)
+        # roi_align reads NCHW and would copy a channels-last level in every stage's call: convert once here.
+        return [level.contiguous() for level in self.backbone(normalised)]
+
+    def set_inference_options(self, *, channels_last: bool = True, fused_attention: bool = True) -> QueryPose:
+        """Execution options that leave the outputs equal to float tolerance (tests/test_model.py checks both).
+
+        channels_last: NHWC convolutions in the backbone, FPN, RoI towers and SPEGM (their weights converted;
+        activations follow the weights, and the RoI tower's (R, 196, d) tokens become a free view).
+        fused_attention: scaled_dot_product_attention instead of explicit softmax(QK^T)V.
+        Both on is the fast setting, both off the plain path; a new model has channels_last off and fused
+        attention on. Returns self.
+        """
+        self.channels_last = channels_last
+        memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.backbone.to(memory_format=memory_format)
+        self.keypoint_stages.to(memory_format=memory_format)
+        for module in self.modules():
+            if isinstance(module, MultiHeadAttention):
+                module.fused = fused_attention
+        return self
 
     def _initial_state(self, image_sizes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         batch = image_sizes.shape[0]
@@ -159,22 +188,34 @@ class QueryPose(nn.Module):
         """
         features = self._features(images, image_sizes)
         boxes, instance, parts = self._initial_state(image_sizes)
-        batch = images.shape[0]
         for stage in range(self.cfg.num_stages):
             logits, boxes, instance = self.box_stages[stage](features, boxes, instance)
-            num_queries = boxes.shape[1]
-            batch_index = torch.arange(batch, device=boxes.device).repeat_interleave(num_queries)
-            query_index = torch.arange(num_queries, device=boxes.device).repeat(batch)
-            out, instance, parts = self._keypoint_stage(
-                stage, features[0], boxes, instance, parts, batch_index, query_index
-            )
-            if self.cfg.prune_queries_after_stage == stage + 1:
+            # Only the last stage's poses are returned: an earlier keypoint stage runs only when the next stages
+            # read the query state it updates (the serial pipeline's Q_I, iterated part queries).
+            if stage == self.cfg.num_stages - 1 or self.keypoint_stages_carry_state:
+                out, instance, parts = self._keypoint_stage_all(stage, features[0], boxes, instance, parts)
+            if self.cfg.prune_queries_after_stage == stage + 1:  # never the last stage: `out` is recomputed
                 keep = logits.topk(self.cfg.prune_keep, dim=1).indices  # (B, k)
                 boxes, instance, logits = _gather(boxes, keep), _gather(instance, keep), _gather(logits, keep)
                 parts = None if parts is None else _gather(parts, keep)
-                rows = (torch.arange(batch, device=keep.device)[:, None] * num_queries + keep).reshape(-1)
-                out = {k: v[rows] for k, v in out.items() if k != "instance_queries"}
         return self._postprocess(logits, boxes, out, return_attention)
+
+    def _keypoint_stage_all(self, stage, p2, boxes, instance, parts):
+        """Keypoint stage `stage` on every query of every image: the (B, N, ...) state reshaped, no gather or
+        scatter. boxes (B, N, 4), instance (B, N, d), parts (B, N, M, d_p) or None."""
+        batch, num_queries = boxes.shape[:2]
+        image_index = torch.arange(batch, device=boxes.device).repeat_interleave(num_queries)
+        out = self.keypoint_stages[stage](
+            p2,
+            boxes.reshape(-1, 4),
+            image_index,
+            instance.flatten(0, 1),
+            None if parts is None else parts.flatten(0, 1),
+        )
+        instance = out["instance_queries"].view(batch, num_queries, -1)
+        if parts is not None:
+            parts = out["part_queries"].view(batch, num_queries, *parts.shape[2:])
+        return out, instance, parts
 
     def _postprocess(self, logits, boxes, out, return_attention):
         batch, num_queries = logits.shape
@@ -182,15 +223,15 @@ class QueryPose(nn.Module):
         confidence = 1 - sigma.mean(-1)  # (B, N, K)
         scores = logits.sigmoid() * confidence.mean(-1)  # (B, N)
         pixels = decode_keypoints(out["mu"], boxes.reshape(-1, 4)).view(batch, num_queries, -1, 2)
-        keypoints = torch.cat([pixels, confidence[..., None]], dim=-1)
-        results = []
-        for b in range(batch):
-            order = scores[b].argsort(descending=True)
-            result = {"boxes": boxes[b, order], "keypoints": keypoints[b, order], "scores": scores[b, order]}
-            if return_attention and "attention" in out:
-                result["attention"] = out["attention"].view(batch, num_queries, *out["attention"].shape[1:])[b, order]
-            results.append(result)
-        return results
+        order = scores.argsort(dim=1, descending=True)  # (B, N), best first
+        ranked = {
+            "boxes": _gather(boxes, order),
+            "keypoints": _gather(torch.cat([pixels, confidence[..., None]], dim=-1), order),
+            "scores": scores.gather(1, order),
+        }
+        if return_attention and "attention" in out:
+            ranked["attention"] = _gather(out["attention"].view(batch, num_queries, *out["attention"].shape[1:]), order)
+        return [{name: value[b] for name, value in ranked.items()} for b in range(batch)]
 
     @torch.no_grad()
     def predict(self, images: list[torch.Tensor], return_attention: bool = False) -> list[dict[str, torch.Tensor]]:

@@ -2,8 +2,10 @@ import dataclasses
 
 import pytest
 import torch
+from torch import nn
 
 from querypose import ModelConfig, build_model
+from querypose.attention import MultiHeadAttention
 from querypose.keypoint_decoder import NormLinear, PartHeads
 from querypose.keypoints import COCO, CROWDPOSE, PART_SCHEMES
 from querypose.model import decode_keypoints, encode_keypoints
@@ -219,3 +221,86 @@ def test_backbone_weights_file(tmp_path):
         build_model(dataclasses.replace(TINY, backbone_weights=str(tmp_path / "junk.pth")))
     with pytest.raises(FileNotFoundError, match="missing.pth"):
         build_model(dataclasses.replace(TINY, backbone_weights=str(tmp_path / "missing.pth")))
+
+
+def test_fused_attention_matches_torch_multihead_attention():
+    """MultiHeadAttention loads nn.MultiheadAttention's state dict and gives its outputs and input gradients,
+    through scaled_dot_product_attention and through the explicit softmax path."""
+    torch.manual_seed(0)
+    reference = nn.MultiheadAttention(32, 8, batch_first=True)
+    attention = MultiHeadAttention(32, 8)
+    attention.load_state_dict(reference.state_dict())
+    assert sum(p.numel() for p in attention.parameters()) == sum(p.numel() for p in reference.parameters())
+    for context_length in (None, 11):  # self-attention; queries reading a longer context (the mhsa interaction)
+        query = torch.randn(3, 5, 32, requires_grad=True)
+        context = None if context_length is None else torch.randn(3, context_length, 32)
+        keys = query if context is None else context
+        expected = reference(query, keys, keys, need_weights=False)[0]
+        (expected_grad,) = torch.autograd.grad(expected.square().sum(), query)
+        for fused in (True, False):
+            attention.fused = fused
+            out = attention(query, context)
+            (grad,) = torch.autograd.grad(out.square().sum(), query)
+            torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(grad, expected_grad, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"channels_last": True, "fused_attention": True},
+        {"channels_last": True, "fused_attention": False},
+        {"channels_last": False, "fused_attention": True},
+    ],
+    ids=lambda o: ",".join(k for k, v in o.items() if v),
+)
+def test_inference_options_keep_outputs(options):
+    """channels_last and fused attention change how the model computes, not what: every output of a resnet18
+    model matches the plain path (NCHW, explicit softmax attention) to float tolerance."""
+    torch.manual_seed(0)
+    model = build_model(dataclasses.replace(TINY, backbone="resnet18")).eval()
+    images, image_sizes, _ = _batch()
+    plain = model.set_inference_options(channels_last=False, fused_attention=False).inference(
+        images, image_sizes, return_attention=True
+    )
+    model.set_inference_options(**options)
+    tower_weight = model.keypoint_stages[0].tower[0].weight
+    assert tower_weight.is_contiguous(memory_format=torch.channels_last) == options["channels_last"]
+    assert all(m.fused == options["fused_attention"] for m in model.modules() if isinstance(m, MultiHeadAttention))
+    fast = model.inference(images, image_sizes, return_attention=True)
+    for a, b in zip(plain, fast, strict=True):
+        assert a.keys() == b.keys() == {"boxes", "keypoints", "scores", "attention"}
+        for name in a:
+            torch.testing.assert_close(b[name], a[name], atol=1e-3, rtol=1e-4, msg=name)
+    # the training forward accepts the same settings (SDPA's backward, NHWC gradients)
+    _, _, targets = _batch()
+    outputs = model.train()(images, image_sizes, targets)
+    outputs["stages"][-1]["keypoint_mu"].sum().backward()
+    assert model.keypoint_stages[-1].tower[0].weight.grad.abs().sum() > 0
+
+
+def test_inference_runs_only_keypoint_stages_whose_state_is_read():
+    """With the box-only pipeline and no part iteration, stages 1..S-1 of the keypoint decoder feed nothing
+    forward, so inference runs only the last one; the poses equal those of running every stage."""
+    cfg = dataclasses.replace(TINY, num_stages=3, instance_pipeline="box_only", iteration="none")
+    model = build_model(cfg).eval()
+    assert not model.keypoint_stages_carry_state
+    calls = []
+    for index, stage in enumerate(model.keypoint_stages):
+        stage.register_forward_hook(lambda module, args, output, index=index: calls.append(index))
+    images, image_sizes, _ = _batch()
+    skipped = model.inference(images, image_sizes)
+    assert calls == [2]
+    model.keypoint_stages_carry_state = True  # force every stage, as before the shortcut
+    every = model.inference(images, image_sizes)
+    assert calls == [2, 0, 1, 2]
+    for a, b in zip(skipped, every, strict=True):
+        for name in a:
+            torch.testing.assert_close(a[name], b[name], msg=name)
+    # state that later stages read keeps every stage running
+    for change in (
+        {},
+        {"instance_pipeline": "box_only"},
+        {"instance_pipeline": "box_only", "iteration": "none", "interaction": "mhsa"},
+    ):
+        assert build_model(dataclasses.replace(TINY, **change)).keypoint_stages_carry_state, change
