@@ -6,8 +6,8 @@
     ray job submit --working-dir . -- python experiments/ablation_grid.py --config experiments/configs/ablation_synthetic.yaml
 
 Without a cluster address this starts a local Ray in-process; under `ray job submit` (or with RAY_ADDRESS) it
-runs on that cluster. `--resume` restores a stopped grid and runs only its unfinished cells, reusing their
-MLflow runs.
+runs on that cluster. `--resume` restores a stopped grid (Tuner.restore, errored trials included: each
+continues from its last Ray Train checkpoint into its own MLflow run), then runs the cells it never started.
 """
 
 from __future__ import annotations
@@ -25,11 +25,17 @@ from querypose_platform.config import ConfigError, load_config  # noqa: E402
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", type=Path, required=True, help="experiment YAML with a tune section")
-    parser.add_argument("--resume", action="store_true", help="restore the stopped grid of the same run.name")
-    parser.add_argument("--stop-after", type=int, help="end the grid after this many trials finish (resume later)")
+    parser.add_argument(
+        "--resume", action="store_true", help="run only the cells of this grid (same run.name) that have not finished"
+    )
+    parser.add_argument(
+        "--stop-after", type=int, help="run only this many of the cells still to do (resume the rest later)"
+    )
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_iters=50")
     args = parser.parse_args(argv)
     try:
+        if args.stop_after is not None and args.stop_after < 1:
+            raise ConfigError(f"--stop-after: must be >= 1, got {args.stop_after}")
         cfg = load_config(args.config, args.overrides)
         if not cfg.tune.grid_cells():
             raise ConfigError("tune: the grid is empty: give tune.axes or tune.cells")
@@ -37,28 +43,25 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
 
-    import ray
-
+    from querypose_platform.ray_runtime import init_ray
     from querypose_platform.shards import ensure_synthetic_shards
     from querypose_platform.tuning import (
-        build_tuner,
         close_parent,
         log_results_table,
         open_parent_run,
         register_best,
-        restore_tuner,
+        run_grid,
     )
 
     cells = cfg.tune.grid_cells()
     print(f"[grid] {cfg.run.name}: {len(cells)} cells, metric {cfg.tune.metric} ({cfg.tune.mode})", flush=True)
-    ray.init(ignore_reinit_error=True)
+    init_ray()
     if cfg.data.synthetic is not None:
         ensure_synthetic_shards(cfg)  # once, before the trials race to create it
     parent_run_id = open_parent_run(cfg)
     print(f"[grid] MLflow parent run {parent_run_id} in experiment {cfg.tracking.experiment!r}", flush=True)
     try:
-        tuner = restore_tuner(cfg) if args.resume else build_tuner(cfg, parent_run_id, args.stop_after)
-        results = tuner.fit()
+        results = run_grid(cfg, parent_run_id, args.resume, args.stop_after)
     except BaseException as error:
         close_parent(cfg, parent_run_id, error)
         raise

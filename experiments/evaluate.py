@@ -43,11 +43,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
 
-    import ray
-
     from querypose.evaluation import evaluate_keypoints
     from querypose_platform.data import build_dataset
     from querypose_platform.inference import predict_dataset, resolve_weights
+    from querypose_platform.ray_runtime import init_ray
     from querypose_platform.shards import gt_json_path, read_manifest
     from querypose_platform.tracking import SOURCE_RUN_TAG, RunLogger, finish_run, open_run
 
@@ -63,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     shards = _split_uri(args.data, args.split)
     manifest = read_manifest(shards)
 
-    ray.init(ignore_reinit_error=True)
+    init_ray()
     started = time.perf_counter()
     records, dropped = predict_dataset(
         build_dataset(shards, cfg, train=False), str(weights), args.batch_size, args.actors, args.gpu

@@ -33,11 +33,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
 
-    import ray
-
+    from querypose_platform.ray_runtime import init_ray
     from querypose_platform.trainer import fit
 
-    ray.init(ignore_reinit_error=True)
+    init_ray()
     outcome = fit(cfg)
     print(json.dumps({"mlflow_run_id": outcome.run_id, "checkpoint": outcome.checkpoint_path,
                       "metrics": outcome.metrics}, indent=2, default=str))  # fmt: skip

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -56,8 +57,13 @@ class DataConfig:
     crop_resize_sides: list[int] = field(default_factory=lambda: [400, 500, 600])
     crop_size: list[int] = field(default_factory=lambda: [384, 600])
     max_val_images: int | None = None
+    # Logical CPUs per Ray Data read/decode task. Below 1 so that a 2-core machine whose train worker holds a
+    # CPU can still schedule them (at 1.0, such a cluster waits forever for a free CPU).
+    cpus_per_task: float = 0.5
 
     def __post_init__(self) -> None:
+        if self.cpus_per_task <= 0:
+            raise ConfigError(f"data.cpus_per_task: must be > 0, got {self.cpus_per_task}")
         if not self.train_short_sides or min(self.train_short_sides) < 1:
             raise ConfigError("data.train_short_sides: must be a non-empty list of positive sizes")
         for name in ("flip_prob", "crop_prob"):
@@ -137,8 +143,7 @@ class TuneConfig:
     mode: Literal["max", "min"] = "max"
     max_concurrent_trials: int = 1
     register_model: str | None = "querypose-ablation-best"
-    # A trial only drives its TorchTrainer (the workers ask for their own resources); keep it small so a
-    # 2-core machine still has a CPU for the Ray Data tasks.
+    # A trial only drives its TorchTrainer (the workers ask for their own resources); Tune refuses 0.
     trial_cpus: float = 0.01
 
     def __post_init__(self) -> None:
@@ -249,18 +254,36 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
             raise ConfigError(f"config file {path}: expected a mapping of sections at the top level")
         data = loaded or {}
     apply_overrides(data, overrides)
-    _make_paths_absolute(data)
+    _fill_local_outputs(data)
     return ExperimentConfig.from_dict(data)
 
 
-def _make_paths_absolute(data: dict[str, Any]) -> None:
-    """Relative local paths are taken from the current directory: Ray Train workers run elsewhere."""
+def output_home() -> Path:
+    """Where relative paths and the local outputs (mlruns.db, mlartifacts/, ray_results/) go: $QUERYPOSE_HOME,
+    else the current directory. A `ray job submit` driver runs in an uploaded copy of the working dir, so a job
+    that should write into the user's checkout sets QUERYPOSE_HOME in its runtime env (README)."""
+    return Path(os.environ.get("QUERYPOSE_HOME") or Path.cwd()).resolve()
+
+
+def _fill_local_outputs(data: dict[str, Any]) -> None:
+    """Make relative local paths absolute (Ray Train workers run in other directories) and fill the output
+    defaults: MLflow in $MLFLOW_TRACKING_URI or a SQLite file, artifacts and Ray results in folders of output_home()."""
+    home = output_home()
+    defaults = {
+        ("tracking", "uri"): os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlruns.db",
+        ("tracking", "artifact_location"): "mlartifacts",
+        ("run", "storage_path"): "ray_results",
+        ("data", "root"): DataConfig.root,
+    }
+    for (section, key), default in defaults.items():
+        if isinstance(data.setdefault(section, {}), dict):
+            data[section].setdefault(key, default)
     for section, key in (("data", "root"), ("run", "storage_path"), ("tracking", "artifact_location")):
         value = data.get(section, {}).get(key) if isinstance(data.get(section), dict) else None
         if isinstance(value, str) and "://" not in value and not Path(value).is_absolute():
-            data[section][key] = str(Path(value).resolve())
+            data[section][key] = str(home / value)
     tracking = data.get("tracking")
     if isinstance(tracking, dict) and isinstance(tracking.get("uri"), str):
         uri = tracking["uri"]
         if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-            tracking["uri"] = "sqlite:///" + str(Path(uri[len("sqlite:///") :]).resolve())
+            tracking["uri"] = f"sqlite:///{home / uri[len('sqlite:///') :]}"

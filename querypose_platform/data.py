@@ -102,10 +102,11 @@ def build_dataset(
     files = shard_files(shard_uri)
 
     def one_pass(epoch: int) -> ray.data.Dataset:
-        ds = ray.data.read_parquet(files).select_columns(READ_COLUMNS)
+        task_cpus = cfg.data.cpus_per_task
+        ds = ray.data.read_parquet(files, num_cpus=task_cpus).select_columns(READ_COLUMNS)
         if part is not None:
             index, count = part
-            ds = ds.filter(lambda row: row["image_id"] % count == index)
+            ds = ds.filter(lambda row: row["image_id"] % count == index, num_cpus=task_cpus)
         if train:
             ds = ds.randomize_block_order(seed=cfg.train.seed + epoch)
         return ds.map_batches(
@@ -113,6 +114,7 @@ def build_dataset(
             fn_kwargs={"cfg": cfg, "train": train, "epoch": epoch},
             batch_format="numpy",
             batch_size=8,
+            num_cpus=task_cpus,
         )
 
     passes = [one_pass(epoch) for epoch in range(epochs if train else 1)]

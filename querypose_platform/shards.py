@@ -101,6 +101,9 @@ def gt_json_path(uri: str) -> Path:
 
 
 def _person_problem(annotation: dict, num_keypoints: int) -> str | None:
+    for key in ("id", "image_id"):
+        if not isinstance(annotation.get(key), int):
+            return f"{key}: expected an integer, got {annotation.get(key)!r}"
     keypoints = annotation.get("keypoints")
     if not isinstance(keypoints, list) or len(keypoints) != 3 * num_keypoints:
         got = len(keypoints) if isinstance(keypoints, list) else type(keypoints).__name__
@@ -238,9 +241,12 @@ def _write_shards(fs, staging, content, people, images: Path, dataset: str, shar
 
     bar = _Progress(len(content["images"]), progress)
     for done, record in enumerate(content["images"], 1):
-        path = images / record.get("file_name", "")
-        data = path.read_bytes() if path.is_file() else None
-        problem = _image_problem(data)
+        if not isinstance(record.get("id"), int) or not isinstance(record.get("file_name"), str):
+            data, problem = None, "image record needs an integer 'id' and a string 'file_name'"
+        else:
+            path = images / record["file_name"]
+            data = path.read_bytes() if path.is_file() else None
+            problem = _image_problem(data)
         if problem:
             skipped_images.append(
                 {"image_id": record.get("id"), "file_name": record.get("file_name"), "reason": problem}

@@ -132,7 +132,8 @@ def restore(checkpoint: ray.train.Checkpoint | None, model, optimizer, scheduler
 
 def report(iteration, metrics, latest_eval, model, optimizer, scheduler, cfg, run_id, rank, consumed) -> None:
     """ray.train.report on every rank (it is a barrier). When a checkpoint is due, every rank contributes the
-    image ids it trained on since the previous one (data/rank<r>.json: shards are auditable) and rank 0 adds the
+    image ids it trained on since the previous one and the Ray node it ran on (data/rank<r>.json: shards and
+    placement are auditable) and rank 0 adds the
     training state; Ray merges the ranks' folders into one checkpoint."""
     reported = {
         "iteration": iteration,
@@ -146,7 +147,8 @@ def report(iteration, metrics, latest_eval, model, optimizer, scheduler, cfg, ru
         return
     with tempfile.TemporaryDirectory(prefix="querypose-ckpt-") as folder:
         (Path(folder) / "data").mkdir()
-        (Path(folder) / "data" / f"rank{rank}.json").write_text(json.dumps(consumed))
+        provenance = {"node_id": ray.get_runtime_context().get_node_id(), "image_ids": consumed}
+        (Path(folder) / "data" / f"rank{rank}.json").write_text(json.dumps(provenance))
         consumed.clear()
         if rank != 0:
             ray.train.report(reported, checkpoint=ray.train.Checkpoint.from_directory(folder))

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from typing import Any
 
+import ray.data
 import ray.train
 from ray.train.torch import TorchTrainer
 
 from querypose_platform.config import ExperimentConfig
 from querypose_platform.data import build_dataset
+from querypose_platform.ray_runtime import warn_if_no_cpu_for_data
 from querypose_platform.shards import ensure_synthetic_shards, read_manifest
 from querypose_platform.tracking import finish_run, flatten, open_run
 from querypose_platform.train_loop import epochs_for, train_loop_per_worker, val_dataset_name
@@ -29,6 +32,8 @@ def default_run_key(cfg: ExperimentConfig) -> str:
 
 def build_datasets(cfg: ExperimentConfig) -> dict[str, ray.data.Dataset]:
     """The train stream (every pass a new augmentation epoch) and one val part per rank."""
+    # Per-operator progress bars redrawn by the split coordinator turn a job log into megabytes of \r lines.
+    ray.data.DataContext.get_current().enable_progress_bars = sys.stdout.isatty()
     train_uri = cfg.data.split_uri(cfg.data.train_split)
     val_uri = cfg.data.split_uri(cfg.data.val_split)
     num_images = read_manifest(train_uri)["num_images"]
@@ -78,6 +83,7 @@ def fit(
     close the run as FINISHED, or FAILED with the error."""
     if cfg.data.synthetic is not None:
         ensure_synthetic_shards(cfg)
+    warn_if_no_cpu_for_data(cfg, reserved=cfg.tune.trial_cpus if parent_run_id else 0.0)
     run_id = open_run(
         cfg.tracking,
         run_key or default_run_key(cfg),

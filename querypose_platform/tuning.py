@@ -7,7 +7,6 @@ import dataclasses
 import hashlib
 import io
 import re
-from pathlib import Path
 from typing import Any
 
 from ray import tune
@@ -45,9 +44,7 @@ def grid_run_key(cfg: ExperimentConfig) -> str:
 def cell_config(cfg: ExperimentConfig, cell: dict[str, Any]) -> ExperimentConfig:
     """The experiment of one cell: the model switches applied, its own Ray Train run folder."""
     cell_cfg = cfg.with_model(**cell)
-    run = dataclasses.replace(
-        cfg.run, name=cell_slug(cell), storage_path=str(Path(cfg.run.storage_path) / cfg.run.name / "cells")
-    )
+    run = dataclasses.replace(cfg.run, name=cell_slug(cell), storage_path=f"{_experiment_path(cfg)}/cells")
     return dataclasses.replace(cell_cfg, run=run)
 
 
@@ -65,26 +62,18 @@ def run_cell(config: dict[str, Any]) -> None:
     )
 
 
-class StopAfterTrials(tune.Stopper):
-    """Ends the whole grid once `count` trials have finished; `--resume` runs the rest later."""
-
-    def __init__(self, count: int):
-        self.count = count
-        self.finished: set[str] = set()
-
-    def __call__(self, trial_id: str, result: dict) -> bool:
-        if result.get("done"):
-            self.finished.add(trial_id)
-        return False
-
-    def stop_all(self) -> bool:
-        return len(self.finished) >= self.count
+def _trainable(cfg: ExperimentConfig):
+    return tune.with_resources(run_cell, {"CPU": cfg.tune.trial_cpus})
 
 
-def build_tuner(cfg: ExperimentConfig, parent_run_id: str, stop_after: int | None = None) -> tune.Tuner:
-    cells = cfg.tune.grid_cells()
+def _experiment_path(cfg: ExperimentConfig) -> str:
+    return f"{cfg.run.storage_path.rstrip('/')}/{cfg.run.name}"
+
+
+def build_tuner(cfg: ExperimentConfig, parent_run_id: str, cells: list[dict[str, Any]]) -> tune.Tuner:
+    """One trial per cell in `cells`."""
     return tune.Tuner(
-        tune.with_resources(run_cell, {"CPU": cfg.tune.trial_cpus}),
+        _trainable(cfg),
         param_space={
             "experiment": cfg.to_dict(),
             "parent_run_id": parent_run_id,
@@ -96,17 +85,35 @@ def build_tuner(cfg: ExperimentConfig, parent_run_id: str, stop_after: int | Non
         run_config=tune.RunConfig(
             name=cfg.run.name,
             storage_path=cfg.run.storage_path,
-            stop=StopAfterTrials(stop_after) if stop_after else None,
             failure_config=tune.FailureConfig(max_failures=cfg.run.max_failures),
         ),
     )
 
 
-def restore_tuner(cfg: ExperimentConfig) -> tune.Tuner:
-    path = str(Path(cfg.run.storage_path) / cfg.run.name)
-    if not tune.Tuner.can_restore(path):
-        raise FileNotFoundError(f"no grid to resume at {path}: run it once without --resume")
-    return tune.Tuner.restore(path, tune.with_resources(run_cell, {"CPU": cfg.tune.trial_cpus}), resume_errored=True)
+def finished_cells(cfg: ExperimentConfig, parent_run_id: str) -> set[str]:
+    """Keys of the cells that have a FINISHED child run under the grid's parent run."""
+    return {row["cell"] for row in results_rows(cfg, parent_run_id) if row["status"] == "FINISHED"}
+
+
+def run_grid(cfg: ExperimentConfig, parent_run_id: str, resume: bool, stop_after: int | None) -> list:
+    """Fit the grid's cells; returns the Tune results.
+
+    resume: first `Tuner.restore(..., resume_errored=True)` of the stopped grid, so its errored and interrupted
+    trials continue (each TorchTrainer from its last checkpoint, each into its own MLflow run); then a new Tuner
+    for the cells that still have no finished run. The second step is needed because with max_concurrent_trials
+    the searcher creates a trial only when a slot frees, so a grid stopped early holds no record of the cells it
+    never started. stop_after: run at most this many of the cells still to do (the rest wait for --resume).
+    """
+    results: list = []
+    if resume and tune.Tuner.can_restore(_experiment_path(cfg)):
+        results.extend(tune.Tuner.restore(_experiment_path(cfg), _trainable(cfg), resume_errored=True).fit())
+    done = finished_cells(cfg, parent_run_id) if resume else set()
+    cells = [cell for cell in cfg.tune.grid_cells() if cell_key(cell) not in done][:stop_after]
+    if resume:
+        print(f"[grid] resuming: {len(done)} cells finished, {len(cells)} to run", flush=True)
+    if cells:
+        results.extend(build_tuner(cfg, parent_run_id, cells).fit())
+    return results
 
 
 def open_parent_run(cfg: ExperimentConfig) -> str:
@@ -138,7 +145,8 @@ def table_markdown(rows: list[dict[str, Any]], columns: tuple[str, ...]) -> str:
     header = "| cell | " + " | ".join(columns) + " |"
     lines = [header, "|" + "---|" * (len(columns) + 1)]
     for row in rows:
-        values = [f"{100 * row[c]:.1f}" if c in row else "-" for c in columns]
+        # pycocotools reports -1 for a size range without ground truth: shown as "-" like a missing value
+        values = [f"{100 * row[c]:.1f}" if row.get(c, -1) >= 0 else "-" for c in columns]
         lines.append(f"| {row['cell']} | " + " | ".join(values) + " |")
     return "\n".join(lines)
 

@@ -92,6 +92,20 @@ def test_relative_paths_become_absolute(tmp_path, monkeypatch):
     assert load_config(None, ["data.root=s3://bucket/shards"]).data.root == "s3://bucket/shards"
 
 
+def test_outputs_follow_querypose_home_and_mlflow_tracking_uri(tmp_path, monkeypatch):
+    monkeypatch.setenv("QUERYPOSE_HOME", str(tmp_path))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    cfg = load_config(None, ["data.root=shards"])
+    assert cfg.data.root == str(tmp_path / "shards")
+    assert cfg.tracking.uri == f"sqlite:///{tmp_path / 'mlruns.db'}"
+    assert cfg.tracking.artifact_location == str(tmp_path / "mlartifacts")
+    assert cfg.run.storage_path == str(tmp_path / "ray_results")
+    assert load_config(None).data.root == str(tmp_path / "data" / "synthetic" / "shards")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
+    assert load_config(None).tracking.uri == "http://127.0.0.1:5000"
+    assert load_config(None, ["tracking.uri=sqlite:///x.db"]).tracking.uri == f"sqlite:///{tmp_path / 'x.db'}"
+
+
 def test_yaml_round_trip():
     cfg = load_config(None, ["model.part_dim=32", "tune.axes.iteration=[none, selective]"])
     again = ExperimentConfig.from_dict(__import__("yaml").safe_load(cfg.to_yaml()))

@@ -3,10 +3,14 @@ config errors before Ray starts, and the grid as a `ray job submit` job on a hea
 
 from __future__ import annotations
 
+import json
 import os
+import secrets
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -99,31 +103,48 @@ def _free_port() -> int:
 def test_grid_runs_as_a_ray_job_on_a_local_head(tmp_path):
     """`ray start --head` (from this venv, on 127.0.0.1) + `ray job submit --working-dir .`, as the README says."""
     bin_dir = Path(sys.executable).parent
-    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "RAY_ADDRESS": ""}
-    env.pop("RAY_ADDRESS")
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+    env.pop("RAY_ADDRESS", None)
+    # token auth on, with a token of the test's own for head and client alike (README: shared clusters)
+    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32))
     port, dashboard = _free_port(), _free_port()
+    # Ray's socket paths must stay under 107 bytes: pytest's tmp_path is too deep for its session folder
+    temp_dir = Path(tempfile.mkdtemp(prefix="qpray-", dir="/tmp"))
+    head_log = (tmp_path / "head.log").open("w")
     head = subprocess.Popen(
         [str(bin_dir / "ray"), "start", "--head", "--block", f"--port={port}", "--node-ip-address=127.0.0.1",
-         "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--num-cpus=2", "--disable-usage-stats",
-         f"--temp-dir={tmp_path / 'ray'}"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+         "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--num-cpus=4", "--disable-usage-stats",
+         f"--temp-dir={temp_dir}"],
+        env=env, stdout=head_log, stderr=subprocess.STDOUT, start_new_session=True,
     )  # fmt: skip
     try:
         address = f"http://127.0.0.1:{dashboard}"
-        overrides = grid_overrides(tmp_path, "[{part_dim: 32}]")
+        # outputs reach the test's folder through QUERYPOSE_HOME, as the README does it for the user's checkout
+        runtime_env = json.dumps({"env_vars": {"QUERYPOSE_HOME": str(tmp_path)}})
+        overrides = [*TINY, "tune.cells=[{part_dim: 32}]"]
         submit = [str(bin_dir / "ray"), "job", "submit", "--address", address, "--working-dir", str(REPO_ROOT),
-                  "--", "python", "experiments/ablation_grid.py", "--config",
+                  "--runtime-env-json", runtime_env, "--", "python", "experiments/ablation_grid.py", "--config",
                   "experiments/configs/ablation_synthetic.yaml", *overrides]  # fmt: skip
         deadline = time.time() + 90
-        while True:  # the job server needs a few seconds after the head starts
+        while True:  # the job server and its agent need a few seconds after the head starts
             done = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=600, cwd=REPO_ROOT)
-            if done.returncode == 0 or time.time() > deadline or "Failed to connect" not in done.stdout + done.stderr:
+            not_up = ("Failed to connect", "No available agent")
+            if (
+                done.returncode == 0
+                or time.time() > deadline
+                or not any(m in done.stdout + done.stderr for m in not_up)
+            ):
                 break
             time.sleep(3)
-        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        head_output = (tmp_path / "head.log").read_text()[-2000:]
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:] + head_output
         assert "succeeded" in done.stdout.lower()
         parents, children = grid_runs(tmp_path)
         assert len(parents) == 1 and len(children) == 1 and children[0].info.status == "FINISHED"
+        assert (tmp_path / "data" / "synthetic" / "shards" / "train" / "manifest.json").is_file()
+        assert (tmp_path / "ray_results" / "ablation_synthetic").is_dir()
     finally:
         os.killpg(head.pid, 15)
         head.wait(timeout=60)
+        head_log.close()
+        shutil.rmtree(temp_dir, ignore_errors=True)

@@ -1,0 +1,58 @@
+"""Convert a COCO or CrowdPose keypoint dataset (JSON + image folder) into Parquet shards for Ray Data.
+
+    python experiments/convert.py --dataset coco --annotations annotations/person_keypoints_train2017.json \
+        --images train2017 --out data/coco/shards/train
+    python experiments/convert.py --dataset crowdpose --annotations crowdpose_test.json --images images \
+        --out s3://my-bucket/crowdpose/shards/val --shard-mb 512
+
+The output (`<out>/part-NNNNN.parquet`, `manifest.json`, `annotations.json`) is written to a temporary sibling
+and renamed into place when complete. Rerunning over a finished output does nothing unless --overwrite.
+Images that are missing or do not decode, and annotations with a wrong keypoint count or a bad box, are skipped;
+the summary line counts them and manifest.json lists each with its reason.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(PROJECT_ROOT))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dataset", required=True, choices=["coco", "crowdpose"])
+    parser.add_argument("--annotations", type=Path, required=True, help="COCO-format keypoint JSON")
+    parser.add_argument("--images", type=Path, required=True, help="folder the JSON's file_name entries are in")
+    parser.add_argument("--out", required=True, help="output folder: a local path or an object-store URI")
+    parser.add_argument("--shard-mb", type=float, default=256, help="target size of one shard file")
+    parser.add_argument("--overwrite", action="store_true", help="replace a finished output")
+    args = parser.parse_args(argv)
+    if args.shard_mb <= 0:
+        parser.error(f"--shard-mb must be > 0, got {args.shard_mb}")
+
+    from querypose_platform.shards import convert, has_manifest
+
+    if has_manifest(args.out) and not args.overwrite:
+        print(f"[convert] {args.out} is already converted; nothing to do (--overwrite replaces it)")
+        return 0
+    try:
+        convert(
+            args.dataset,
+            args.annotations,
+            args.images,
+            args.out,
+            shard_mb=args.shard_mb,
+            overwrite=args.overwrite,
+            progress=True,
+        )
+    except (FileNotFoundError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

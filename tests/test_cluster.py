@@ -1,0 +1,187 @@
+"""cluster/: the launcher YAMLs pass Ray's own config validation, the KubeRay CRDs use only the fields KubeRay
+documents and a runnable entrypoint, and the autoscaler grows a fake GPU worker type from zero for a grid and
+shrinks it back when the grid is done."""
+
+from __future__ import annotations
+
+import copy
+import glob
+import json
+import os
+import secrets
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from ray.autoscaler._private.util import prepare_config, validate_config
+from ray.cluster_utils import AutoscalingCluster
+
+from querypose_platform.config import load_config
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+CLUSTER = REPO_ROOT / "cluster"
+IMAGE_ROOT = "/home/ray/querypose"  # where cluster/Dockerfile puts the project
+sys.path.insert(0, str(REPO_ROOT / "experiments"))
+
+# Fields of the ray.io/v1 CRDs as KubeRay documents them (API reference, v1.x).
+RAYCLUSTER_SPEC = {"rayVersion", "enableInTreeAutoscaling", "autoscalerOptions", "headGroupSpec", "workerGroupSpecs",
+                   "headServiceAnnotations", "suspend", "managedBy", "gcsFaultToleranceOptions", "authOptions"}  # fmt: skip
+AUTOSCALER_OPTIONS = {"upscalingMode", "idleTimeoutSeconds", "image", "imagePullPolicy", "resources", "env",
+                      "envFrom", "securityContext", "volumeMounts", "version"}  # fmt: skip
+HEAD_GROUP = {"rayStartParams", "template", "serviceType", "headService", "enableIngress", "headServiceAnnotations"}
+WORKER_GROUP = {"groupName", "replicas", "minReplicas", "maxReplicas", "rayStartParams", "template",
+                "scaleStrategy", "numOfHosts", "suspend", "idleTimeoutSeconds"}  # fmt: skip
+RAYJOB_SPEC = {"entrypoint", "runtimeEnvYAML", "jobId", "shutdownAfterJobFinishes", "ttlSecondsAfterFinished",
+               "activeDeadlineSeconds", "rayClusterSpec", "clusterSelector", "submitterPodTemplate", "suspend",
+               "submissionMode", "entrypointNumCpus", "entrypointNumGpus", "entrypointResources", "backoffLimit",
+               "managedBy", "deletionStrategy", "submitterConfig"}  # fmt: skip
+SUBMISSION_MODES = {"K8sJobMode", "HTTPMode", "InteractiveMode", "SidecarMode"}
+
+
+def load(name: str) -> dict:
+    return yaml.safe_load((CLUSTER / name).read_text())
+
+
+@pytest.mark.parametrize("name", ["aws.yaml", "gcp.yaml", "local.yaml"])
+def test_launcher_configs_pass_ray_validation(name):
+    config = load(name)
+    validate_config(prepare_config(copy.deepcopy(config)))
+    assert {".venv", "data", "mlruns.db"} <= set(config["rsync_exclude"]), "uploads leave out venv, data and runs"
+    assert any("make .venv/.installed" in command for command in config["setup_commands"])
+    assert all("--dashboard-host=127.0.0.1" in c for c in config["head_start_ray_commands"] if "--head" in c)
+    if name != "local.yaml":
+        gpu = config["available_node_types"]["worker.gpu8"]
+        assert gpu["min_workers"] == 0 and gpu["max_workers"] >= 1 and gpu["resources"]["GPU"] == 8
+
+
+def test_ray_validation_rejects_a_broken_config():
+    config = load("aws.yaml")
+    config["available_node_types"]["worker.gpu8"]["min_wrokers"] = 0
+    with pytest.raises(Exception, match="min_wrokers"):
+        validate_config(prepare_config(config))
+
+
+def _check_cluster_spec(spec: dict) -> None:
+    assert set(spec) <= RAYCLUSTER_SPEC, set(spec) - RAYCLUSTER_SPEC
+    assert spec["rayVersion"] == "2.60.0" and spec["enableInTreeAutoscaling"] is True
+    assert set(spec["autoscalerOptions"]) <= AUTOSCALER_OPTIONS
+    assert spec["autoscalerOptions"]["upscalingMode"] in {"Default", "Aggressive", "Conservative"}
+    assert set(spec["headGroupSpec"]) <= HEAD_GROUP
+    pods = [spec["headGroupSpec"]["template"]]
+    for group in spec["workerGroupSpecs"]:
+        assert set(group) <= WORKER_GROUP, set(group) - WORKER_GROUP
+        assert 0 <= group["minReplicas"] <= group["replicas"] <= group["maxReplicas"]
+        pods.append(group["template"])
+    for params in [spec["headGroupSpec"]["rayStartParams"]] + [g["rayStartParams"] for g in spec["workerGroupSpecs"]]:
+        assert all(isinstance(value, str) for value in params.values()), "rayStartParams values are strings"
+    for pod in pods:
+        (container,) = pod["spec"]["containers"]
+        assert container["image"] and container["resources"]["limits"]
+        assert {"MLFLOW_TRACKING_URI", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN"} <= {e["name"] for e in container["env"]}
+    gpu = spec["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]["resources"]["limits"]
+    assert gpu["nvidia.com/gpu"] == "8" and spec["workerGroupSpecs"][0]["minReplicas"] == 0
+
+
+def test_kuberay_raycluster_fields():
+    cluster = load("kuberay/raycluster.yaml")
+    assert cluster["apiVersion"] == "ray.io/v1" and cluster["kind"] == "RayCluster"
+    _check_cluster_spec(cluster["spec"])
+
+
+def test_kuberay_rayjob_runs_a_grid_config_that_loads():
+    job = load("kuberay/rayjob-ablation.yaml")
+    assert job["apiVersion"] == "ray.io/v1" and job["kind"] == "RayJob"
+    spec = job["spec"]
+    assert set(spec) <= RAYJOB_SPEC, set(spec) - RAYJOB_SPEC
+    assert spec["submissionMode"] in SUBMISSION_MODES and spec["shutdownAfterJobFinishes"] is True
+    _check_cluster_spec(spec["rayClusterSpec"])
+    # the entrypoint names a script and a config of this repository, and its overrides are valid
+    python, script, flag, config, *overrides = shlex.split(spec["entrypoint"])
+    assert python == "python" and flag == "--config"
+    assert (REPO_ROOT / Path(script).relative_to(IMAGE_ROOT)).is_file()
+    cfg = load_config(REPO_ROOT / Path(config).relative_to(IMAGE_ROOT), overrides)
+    assert cfg.tune.grid_cells() and cfg.data.root.startswith("s3://")
+
+
+class FakeAutoscalingCluster(AutoscalingCluster):
+    """ray.cluster_utils.AutoscalingCluster with the config given here: the wheel lacks the example file it reads
+    (fake_multi_node/example.yaml)."""
+
+    def _generate_config(self, head_resources, worker_node_types, autoscaler_v2=False, **config_kwargs):
+        empty_launcher_keys = {key: [] for key in ("initialization_commands", "setup_commands", "head_setup_commands",
+                               "worker_setup_commands", "head_start_ray_commands", "worker_start_ray_commands",
+                               "cluster_synced_files", "rsync_exclude", "rsync_filter")}  # fmt: skip
+        return {
+            "cluster_name": "fake-querypose",
+            "max_workers": 4,
+            "upscaling_speed": 1.0,
+            "idle_timeout_minutes": 0.05,
+            "provider": {
+                "type": "fake_multinode",
+                "use_node_id_as_ip": True,
+                "disable_node_updaters": True,
+                "disable_launch_config_check": True,
+            },  # fmt: skip
+            "auth": {},
+            "docker": {},
+            "file_mounts": {},
+            "file_mounts_sync_continuously": False,
+            **empty_launcher_keys,
+            "head_node_type": "ray.head.default",
+            "available_node_types": {
+                **worker_node_types,
+                "ray.head.default": {"resources": dict(head_resources), "node_config": {}, "max_workers": 0},
+            },
+            **config_kwargs,
+        }
+
+
+def fake_gpu_nodes(ray) -> list[str]:
+    return [node["NodeID"] for node in ray.nodes() if node["Alive"] and node["Resources"].get("fake_gpu")]
+
+
+def test_grid_scales_fake_gpu_workers_up_from_zero_and_back_down(tmp_path, monkeypatch):
+    import ablation_grid
+    import ray
+    from test_grid import TINY
+
+    ray.shutdown()  # AutoscalingCluster runs `ray stop --force`: the session's local Ray goes first
+    bin_dir = Path(sys.executable).parent
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")  # the autoscaler calls `ray`
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")
+    monkeypatch.setenv("RAY_AUTH_TOKEN", secrets.token_hex(32))
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    cluster = FakeAutoscalingCluster(
+        head_resources={"CPU": 2},
+        worker_node_types={
+            "fake_gpu": {"resources": {"CPU": 1, "fake_gpu": 1}, "node_config": {}, "min_workers": 0, "max_workers": 2}
+        },
+    )
+    cluster.start()
+    try:
+        ray.init(address="auto", log_to_driver=False)
+        assert fake_gpu_nodes(ray) == [], "the GPU type starts at zero nodes"
+        code = ablation_grid.main([
+            "--config", str(REPO_ROOT / "experiments" / "configs" / "ablation_synthetic.yaml"), *TINY,
+            f"data.root={tmp_path / 'shards'}", f"run.storage_path={tmp_path / 'ray_results'}",
+            f"tracking.uri=sqlite:///{tmp_path / 'mlruns.db'}", f"tracking.artifact_location={tmp_path / 'art'}",
+            "tune.cells=[{part_dim: 32}]", "scaling.num_workers=2", "train.batch_size=2",
+            "scaling.extra_resources={fake_gpu: 1}",
+        ])  # fmt: skip
+        assert code == 0
+        # the checkpoint records the node of each rank: two nodes the autoscaler added for the trainer
+        (checkpoint,) = glob.glob(str(tmp_path / "ray_results" / "ablation_synthetic" / "cells" / "*" / "checkpoint_*"))
+        ranks = [json.loads((Path(checkpoint) / "data" / f"rank{r}.json").read_text()) for r in (0, 1)]
+        head = ray.get_runtime_context().get_node_id()
+        assert len({rank["node_id"] for rank in ranks}) == 2 and head not in {rank["node_id"] for rank in ranks}
+
+        deadline = time.time() + 90
+        while fake_gpu_nodes(ray) and time.time() < deadline:
+            time.sleep(2)
+        assert fake_gpu_nodes(ray) == [], "idle GPU nodes are removed after idle_timeout_minutes"
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
