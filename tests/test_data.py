@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from querypose_platform.config import load_config
-from querypose_platform.data import BatchCollator, build_dataset, collate_batch
+from querypose_platform.data import BatchCollator, _object_array, build_dataset, collate_batch
 from querypose_platform.shards import MANIFEST, ensure_synthetic_shards, read_manifest, shard_files
 
 SETTINGS = [
@@ -105,12 +105,6 @@ def test_a_row_that_does_not_decode_is_dropped_and_counted(ray_local, data_root,
     assert sorted(kept) == sorted(set(table["image_id"].to_pylist()) - {table["image_id"][1].as_py()})
 
 
-def _objects(items: list) -> np.ndarray:
-    array = np.empty(len(items), dtype=object)
-    array[:] = items
-    return array
-
-
 def test_collate_pads_to_a_multiple_of_32_and_keeps_targets():
     def sample(image_id, height, width, people):
         return {"image_id": image_id, "image": np.full((height, width, 3), image_id, np.uint8),
@@ -118,7 +112,7 @@ def test_collate_pads_to_a_multiple_of_32_and_keeps_targets():
                 "keypoints": np.ones((people, 17, 3), np.float32), "scale": np.ones(2, np.float32)}  # fmt: skip
 
     samples = [sample(1, 50, 70, 2), sample(2, 64, 33, 0), sample(3, 0, 0, 0)]
-    batch = {key: _objects([s[key] for s in samples]) for key in ("image", "boxes", "keypoints", "scale")}
+    batch = {key: _object_array([s[key] for s in samples]) for key in ("image", "boxes", "keypoints", "scale")}
     batch["image_id"] = np.array([1, 2, 3])
     batch["valid"] = np.array([True, True, False])
     out = collate_batch(batch, 17)

@@ -102,19 +102,25 @@ def _free_port() -> int:
 
 def test_grid_runs_as_a_ray_job_on_a_local_head(tmp_path):
     """`ray start --head` (from this venv, on 127.0.0.1) + `ray job submit --working-dir .`, as the README says."""
+    import ray
+
+    ray.shutdown()  # the session's in-process Ray (a later module starts it again): the head gets the machine
     bin_dir = Path(sys.executable).parent
     env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
     env.pop("RAY_ADDRESS", None)
     # token auth on, with a token of the test's own for head and client alike (README: shared clusters)
     env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32))
     port, dashboard = _free_port(), _free_port()
+    # every listening port of the head picked free: the defaults may be held by another Ray on this machine
+    agent_ports = [f"--{name}={_free_port()}" for name in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+                   "metrics-export-port", "runtime-env-agent-port", "ray-client-server-port")]  # fmt: skip
     # Ray's socket paths must stay under 107 bytes: pytest's tmp_path is too deep for its session folder
     temp_dir = Path(tempfile.mkdtemp(prefix="qpray-", dir="/tmp"))
     head_log = (tmp_path / "head.log").open("w")
     head = subprocess.Popen(
         [str(bin_dir / "ray"), "start", "--head", "--block", f"--port={port}", "--node-ip-address=127.0.0.1",
          "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--num-cpus=4", "--disable-usage-stats",
-         f"--temp-dir={temp_dir}"],
+         f"--temp-dir={temp_dir}", *agent_ports],
         env=env, stdout=head_log, stderr=subprocess.STDOUT, start_new_session=True,
     )  # fmt: skip
     try:
@@ -136,7 +142,8 @@ def test_grid_runs_as_a_ray_job_on_a_local_head(tmp_path):
             ):
                 break
             time.sleep(3)
-        head_output = (tmp_path / "head.log").read_text()[-2000:]
+        logs = sorted(temp_dir.glob("session_*/logs/dashboard_agent*.log"))
+        head_output = (tmp_path / "head.log").read_text()[-1500:] + "".join(log.read_text()[-1500:] for log in logs)
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:] + head_output
         assert "succeeded" in done.stdout.lower()
         parents, children = grid_runs(tmp_path)
