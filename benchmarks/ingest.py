@@ -2,7 +2,7 @@
 Parquet rows, with the same decode + augmentation and the same number of CPU workers; then the data-wait share of
 a real training step (the demo model) fed by the Ray Data pipeline.
 
-    python benchmarks/ingest.py --images 1500 --workers 2 --json benchmarks/results/ingest.json
+    python benchmarks/ingest.py --images 1500 --epochs 20 --workers 2 --json benchmarks/results/ingest.json
 
 Goals: Ray Data >= 1.0x the DataLoader; data wait < 5% of a training step at the model's own step rate.
 Each loader runs one warm-up pass (process/actor start, file cache), then a timed pass; the order alternates
@@ -40,9 +40,9 @@ DEMO_CONFIG = PROJECT_ROOT / "experiments" / "configs" / "ablation_synthetic.yam
 class ParquetRows(torch.utils.data.Dataset):
     """The shard rows for a DataLoader: each worker opens the files itself and decodes + augments one row."""
 
-    def __init__(self, files: list[str], cfg):
+    def __init__(self, files: list[str], cfg, epochs: int):
         self.files, self.cfg = files, cfg
-        self.index = [(f, g, r) for f in files for g in range(pq.ParquetFile(f).num_row_groups)
+        self.index = [(e, f, g, r) for e in range(epochs) for f in files for g in range(pq.ParquetFile(f).num_row_groups)
                       for r in range(pq.ParquetFile(f).metadata.row_group(g).num_rows)]  # fmt: skip
         self._groups: dict = {}
 
@@ -50,7 +50,7 @@ class ParquetRows(torch.utils.data.Dataset):
         return len(self.index)
 
     def __getitem__(self, i: int) -> dict:
-        file, group, row = self.index[i]
+        epoch, file, group, row = self.index[i]
         if (file, group) not in self._groups:  # one cached row group per worker: rows are read in order
             self._groups = {(file, group): pq.ParquetFile(file).read_row_group(group, columns=READ_COLUMNS)}
         table = self._groups[(file, group)].slice(row, 1)
@@ -59,7 +59,7 @@ class ParquetRows(torch.utils.data.Dataset):
             "image": _object_array(table["image"].to_pylist()),
             "people": _object_array(table["people"].to_pylist()),
         }
-        out = _decode_and_transform(rows, self.cfg, train=True, epoch=0)
+        out = _decode_and_transform(rows, self.cfg, train=True, epoch=epoch)
         return {key: value[0] for key, value in out.items()}
 
 
@@ -70,10 +70,10 @@ def collate_rows(rows: list[dict], num_keypoints: int):
     return collate_batch(batch, num_keypoints)
 
 
-def time_dataloader(files, cfg, workers: int) -> tuple[float, int]:
+def time_dataloader(files, cfg, workers: int, epochs: int) -> tuple[float, int]:
     num_keypoints = get_spec(cfg.model.dataset).num_keypoints
     loader = torch.utils.data.DataLoader(
-        ParquetRows(files, cfg), batch_size=BATCH_SIZE, num_workers=workers, persistent_workers=False,
+        ParquetRows(files, cfg, epochs), batch_size=BATCH_SIZE, num_workers=workers, persistent_workers=False,
         collate_fn=lambda rows: collate_rows(rows, num_keypoints), prefetch_factor=4,
     )  # fmt: skip
     started, images = time.perf_counter(), 0
@@ -82,10 +82,10 @@ def time_dataloader(files, cfg, workers: int) -> tuple[float, int]:
     return time.perf_counter() - started, images
 
 
-def time_ray_data(uri, cfg) -> tuple[float, int]:
+def time_ray_data(uri, cfg, epochs: int) -> tuple[float, int]:
     from querypose_platform.data import BatchCollator, build_dataset
 
-    dataset = build_dataset(uri, cfg, train=True)
+    dataset = build_dataset(uri, cfg, train=True, epochs=epochs)
     collate = BatchCollator(get_spec(cfg.model.dataset).num_keypoints)
     started, images = time.perf_counter(), 0
     for batch in dataset.iter_torch_batches(batch_size=BATCH_SIZE, collate_fn=collate, prefetch_batches=4):
@@ -122,7 +122,8 @@ def data_wait_share(uri, cfg, steps: int) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--images", type=int, default=1500, help="synthetic training images (about a minute)")
+    parser.add_argument("--images", type=int, default=1500, help="synthetic training images")
+    parser.add_argument("--epochs", type=int, default=20, help="augmentation passes per timed run (about a minute)")
     parser.add_argument("--image-size", type=int, default=320)
     parser.add_argument("--workers", type=int, default=2, help="CPU workers of both loaders")
     parser.add_argument("--repeats", type=int, default=2)
@@ -147,14 +148,14 @@ def main(argv: list[str] | None = None) -> int:
 
     rates: dict[str, list[float]] = {"ray_data": [], "dataloader": []}
     runners = {
-        "ray_data": lambda: time_ray_data(uri, cfg),
-        "dataloader": lambda: time_dataloader(files, cfg, args.workers),
+        "ray_data": lambda epochs: time_ray_data(uri, cfg, epochs),
+        "dataloader": lambda epochs: time_dataloader(files, cfg, args.workers, epochs),
     }
     for name in runners:
-        runners[name]()  # warm-up pass
+        runners[name](1)  # warm-up pass
     for repeat in range(args.repeats):
         for name in list(runners) if repeat % 2 == 0 else list(runners)[::-1]:
-            seconds, images = runners[name]()
+            seconds, images = runners[name](args.epochs)
             rates[name].append(images / seconds)
             print(f"[ingest] {name}: {images} images in {seconds:.1f} s", flush=True)
 
