@@ -69,8 +69,14 @@ def build(variant: str, options: dict, short_side: int, max_size: int, device):
     from querypose import ModelConfig, build_model
 
     stage, keep = options.get("prune", (None, 20))
+    # frozen_bn: the deployed paper model (pretrained ResNet), and the same per-channel affine normalisation as
+    # Keypoint R-CNN's eval-mode BatchNorm.
     cfg = ModelConfig(
-        test_short_side=short_side, test_max_size=max_size, prune_queries_after_stage=stage, prune_keep=keep
+        backbone_norm="frozen_bn",
+        test_short_side=short_side,
+        test_max_size=max_size,
+        prune_queries_after_stage=stage,
+        prune_keep=keep,
     )
     model = build_model(cfg).eval().to(device)
     optimised = options["optimised"]

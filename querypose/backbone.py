@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 from pathlib import Path
 
 import timm
 import torch
-from timm.layers import freeze_batch_norm_2d
+from timm.layers import GroupNorm, freeze_batch_norm_2d
 from torch import nn
 from torchvision.ops import FeaturePyramidNetwork
 
@@ -35,13 +36,19 @@ class Backbone(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         timm_name, out_indices, kwargs = TIMM_BACKBONES[cfg.backbone]
-        self.is_resnet = cfg.backbone.startswith("resnet")
+        norm = cfg.resolved_backbone_norm if cfg.backbone.startswith("resnet") else None
+        if norm == "group_norm":
+            kwargs = {**kwargs, "norm_layer": group_norm}
+        elif norm == "frozen_bn":
+            # timm zero-initialises each block's last BN scale; frozen at zero, every residual branch would stay
+            # dead when no weights file overwrites it.
+            kwargs = {**kwargs, "zero_init_last": False}
         self.body = timm.create_model(
             timm_name, pretrained=False, features_only=True, out_indices=out_indices, **kwargs
         )
         if cfg.backbone_weights:
             load_backbone_weights(self.body, cfg.backbone_weights)
-        if self.is_resnet:  # detectron2-style ResNet: frozen batch statistics, frozen stem and first stage
+        if norm == "frozen_bn":
             self.body = freeze_batch_norm_2d(self.body)
             self._freeze(cfg.freeze_backbone_at)
         self.channels = self.body.feature_info.channels()
@@ -61,6 +68,11 @@ class Backbone(nn.Module):
         ]
         pyramid = self.fpn(OrderedDict((f"p{i + 2}", f) for i, f in enumerate(features)))
         return list(pyramid.values())
+
+
+def group_norm(num_channels: int, **kwargs) -> GroupNorm:
+    """GroupNorm with 32 groups, or fewer where the width does not divide (resnet10t's 24-channel stem)."""
+    return GroupNorm(num_channels, num_groups=math.gcd(32, num_channels), **kwargs)
 
 
 def load_backbone_weights(body: nn.Module, path: str | Path) -> None:

@@ -19,7 +19,9 @@ Iteration = Literal["selective", "sum", "concat", "none"]
 PartDim = Literal[128, 32, 64, 256]
 PartScheme = Literal["rigid7", "per_joint", "head_merged", "limbs5"]
 InstancePipeline = Literal["serial", "box_only"]
+KeypointTrainingQueries = Literal["matched", "all"]
 KeypointHead = Literal["queries", "conv_gap_baseline"]
+BackboneNorm = Literal["auto", "frozen_bn", "group_norm"]
 Backbone = Literal["resnet50", "resnet18", "resnet10t", "resnet34", "resnet101", "hrnet_w32", "hrnet_w48", "swin_large"]
 Dataset = Literal["coco", "crowdpose"]
 
@@ -45,7 +47,11 @@ class ModelConfig:
 
     # Backbone: random init unless a local weights file is given (loaded with weights_only=True).
     backbone_weights: str | None = None
-    freeze_backbone_at: int = 2  # detectron2's FREEZE_AT: stem + first stage frozen (ResNets)
+    # ResNet normalisation. frozen_bn is detectron2's recipe for pretrained weights (frozen statistics, stem and
+    # first `freeze_backbone_at` stages frozen); group_norm trains from scratch (He et al., "Rethinking ImageNet
+    # Pre-training") and is batch-size independent. auto = frozen_bn with backbone_weights, group_norm without.
+    backbone_norm: BackboneNorm = "auto"
+    freeze_backbone_at: int = 2  # detectron2's FREEZE_AT, frozen_bn only
 
     # Widths. The paper's values; tests and CPU demos shrink them.
     hidden_dim: int = 256
@@ -61,6 +67,11 @@ class ModelConfig:
     giou_weight: float = 2.0
     rle_weight: float = 1.0
     keypoint_cost: float = 0.0  # weight of a (1 - OKS) matching term; 0 = the paper
+    # Which queries the keypoint stages run on in training. "matched" (the paper, ~95% less tower compute) updates
+    # only the matched queries' instance state, so under the serial pipeline the next box stage can tell matched
+    # from unmatched queries by that update alone, a cue absent at inference where every query is updated.
+    # "all" (beyond the paper) runs every query as inference does. keypoint_cost > 0 implies "all".
+    keypoint_training_queries: KeypointTrainingQueries = "matched"
     focal_alpha: float = 0.25
     focal_gamma: float = 2.0
 
@@ -101,7 +112,18 @@ class ModelConfig:
         if stage is not None and self.prune_keep > self.num_queries:
             raise ConfigError(f"model.prune_keep: {self.prune_keep} exceeds model.num_queries={self.num_queries}")
 
+    @property
+    def resolved_backbone_norm(self) -> str:
+        if self.backbone_norm != "auto":
+            return self.backbone_norm
+        return "frozen_bn" if self.backbone_weights else "group_norm"
+
     def _check_combinations(self) -> None:
+        if self.backbone_norm != "auto" and not self.backbone.startswith("resnet"):
+            raise ConfigError(
+                f"model.backbone_norm={self.backbone_norm!r} applies to ResNet backbones; "
+                f"model.backbone={self.backbone!r} keeps its own normalisation, use 'auto'"
+            )
         if self.keypoint_head == "conv_gap_baseline":
             return
         if self.query_type == "instance" and self.interaction == "spegm":

@@ -137,8 +137,8 @@ class QueryPose(nn.Module):
         for stage in range(self.cfg.num_stages):
             logits, refined, instance = self.box_stages[stage](features, boxes, instance)
             boxes = refined.detach()
-            if self.cfg.keypoint_cost > 0:
-                stage_out = self._match_on_poses(
+            if self.cfg.keypoint_cost > 0 or self.cfg.keypoint_training_queries == "all":
+                stage_out = self._match_after_all_queries(
                     stage, features[0], logits, boxes, instance, parts, targets, image_sizes
                 )
                 out, instance, parts, indices, batch_index, query_index = stage_out
@@ -160,14 +160,14 @@ class QueryPose(nn.Module):
             )
         return {"stages": stages}
 
-    def _match_on_poses(self, stage, p2, logits, boxes, instance, parts, targets, image_sizes):
-        """keypoint_cost > 0: poses at stage s depend only on B^s, so run all N queries, then match on boxes and
-        poses together and keep the matched rows' outputs."""
+    def _match_after_all_queries(self, stage, p2, logits, boxes, instance, parts, targets, image_sizes):
+        """Run keypoint stage `stage` on all N queries (poses at stage s depend only on B^s), then match, on boxes
+        and, with keypoint_cost > 0, on poses too; keep the matched rows' outputs."""
         batch, num_queries = logits.shape
-        all_batch = torch.arange(batch, device=boxes.device).repeat_interleave(num_queries)
-        all_query = torch.arange(num_queries, device=boxes.device).repeat(batch)
-        out, instance, parts = self._keypoint_stage(stage, p2, boxes, instance, parts, all_batch, all_query)
-        pixels = decode_keypoints(out["mu"], boxes.reshape(-1, 4)).view(batch, num_queries, -1, 2)
+        out, instance, parts = self._keypoint_stage_all(stage, p2, boxes, instance, parts)
+        pixels = None
+        if self.cfg.keypoint_cost > 0:
+            pixels = decode_keypoints(out["mu"], boxes.reshape(-1, 4)).view(batch, num_queries, -1, 2)
         indices = self.matcher(logits, boxes, targets, image_sizes, keypoints=pixels)
         batch_index, query_index = _flatten_indices(indices, boxes.device)
         rows = batch_index * num_queries + query_index

@@ -24,7 +24,8 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 # Model keys a grid may vary: the paper's ablation axes plus the widths that make small CPU grids possible.
 GRID_AXES = (
     "query_type", "interaction", "iteration", "part_dim", "part_scheme", "instance_pipeline",
-    "keypoint_head", "num_queries", "backbone", "num_stages", "keypoint_cost", "prune_queries_after_stage",
+    "keypoint_head", "num_queries", "backbone", "num_stages", "keypoint_cost", "keypoint_training_queries",
+    "prune_queries_after_stage",
 )  # fmt: skip
 
 

@@ -48,6 +48,8 @@ def test_yaml_and_dotted_overrides(tmp_path):
             ["model.query_type=instance", "model.interaction=mhsa"],
             "model.iteration='selective' iterates part queries",
         ),
+        (["model.backbone=hrnet_w32", "model.backbone_norm=group_norm"], "applies to ResNet backbones"),
+        (["model.backbone_norm=layer_norm"], "model.backbone_norm: 'layer_norm' is not allowed"),
         (["model.prune_queries_after_stage=6"], "model.prune_queries_after_stage: must be in 1..5"),
         (["train.batch_size=3", "scaling.num_workers=2"], "train.batch_size: 3 is not divisible"),
         (["tune.axes.lr=[1, 2]"], "tune.axes.lr: unknown grid axis"),

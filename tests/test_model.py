@@ -57,6 +57,7 @@ VARIANTS = [
     {"num_stages": 1},
     {"num_stages": 3},
     {"keypoint_cost": 1.0},
+    {"keypoint_training_queries": "all"},
 ]
 
 
@@ -98,9 +99,9 @@ def test_default_coco_model_builds_in_one_call():
     assert model.cfg.backbone == "resnet50" and len(model.box_stages) == len(model.keypoint_stages) == 6
     assert all(stage.spegm is not None and stage.sim is not None for stage in model.keypoint_stages)
     assert model.init_boxes.weight.shape == (100, 4) and model.init_part_queries.weight.shape == (7, 128)
-    frozen = [n for n, p in model.backbone.body.named_parameters() if not p.requires_grad]
-    assert any(n.startswith("conv1") for n in frozen) and any(n.startswith("layer1") for n in frozen)
-    assert not any(n.startswith("layer2") for n in frozen)
+    # no weights file: GroupNorm, trained whole
+    assert isinstance(model.backbone.body.bn1, nn.GroupNorm)
+    assert all(p.requires_grad for p in model.backbone.body.parameters())
 
 
 def test_spegm_and_flow_parameter_counts():
@@ -185,6 +186,20 @@ def test_part_state_stays_with_its_query():
     torch.testing.assert_close(alone["part_queries"][0], out["part_queries"][1], atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("queries, agrees", [("all", True), ("matched", False)])
+def test_training_forward_sees_the_inference_query_state(queries, agrees):
+    """With keypoint_training_queries='all' the training forward's last-stage boxes are inference's; with
+    'matched' (the paper) only the matched queries' instance state is updated before the next box stage, so
+    under the serial pipeline training sees a different query state than inference."""
+    model = build_model(dataclasses.replace(TINY, keypoint_training_queries=queries)).eval()
+    images, image_sizes, targets = _batch()
+    with torch.no_grad():
+        trained = model(images, image_sizes, targets)["stages"][-1]["boxes"][0]  # (N, 4), query order
+        inferred = model.inference(images, image_sizes)[0]["boxes"]  # (N, 4), score order
+    by_x1 = lambda boxes: boxes[boxes[:, 0].argsort()]  # noqa: E731
+    assert torch.allclose(by_x1(trained), by_x1(inferred), atol=1e-4) == agrees
+
+
 def test_predict_maps_back_to_each_image():
     model = build_model(TINY).eval()
     images = [torch.rand(3, 60, 90) * 255, torch.rand(3, 300, 200) * 255]
@@ -204,8 +219,31 @@ def test_pruning_keeps_top_queries():
     assert poses[0]["boxes"].shape == (2, 4) and poses[0]["attention"].shape[0] == 2
 
 
+def test_random_init_resnet_trains_every_block():
+    """From scratch the ResNet gets GroupNorm and trains whole; with frozen BatchNorm (the recipe for pretrained
+    weights) no residual branch may be left dead behind a frozen zero scale."""
+    scratch = build_model(TINY).backbone.body
+    assert isinstance(scratch.layer1[0].bn2, nn.GroupNorm)
+    assert all(p.requires_grad for p in scratch.parameters())
+    optimizer = torch.optim.SGD(scratch.parameters(), lr=0.1)
+    images = torch.randn(2, 3, 64, 64)
+    for _ in range(2):  # timm zero-inits the last norm scale of each block; one step wakes the branch up
+        optimizer.zero_grad()
+        sum(f.square().mean() for f in scratch(images)).backward()
+        optimizer.step()
+    assert [n for n, p in scratch.named_parameters() if p.grad is None or not p.grad.abs().sum()] == []
+
+    frozen = build_model(dataclasses.replace(TINY, backbone_norm="frozen_bn")).backbone.body
+    assert frozen.layer1[0].bn2.weight.abs().min() > 0
+    frozen_names = {n.split(".")[0] for n, p in frozen.named_parameters() if not p.requires_grad}
+    assert frozen_names == {"conv1", "layer1"}  # freeze_backbone_at=2: stem and first stage
+    sum(f.square().mean() for f in frozen(images)).backward()
+    trainable = [(n, p) for n, p in frozen.named_parameters() if p.requires_grad]
+    assert trainable and [n for n, p in trainable if p.grad is None or not p.grad.abs().sum()] == []
+
+
 def test_backbone_weights_file(tmp_path):
-    model = build_model(TINY)
+    model = build_model(dataclasses.replace(TINY, backbone_norm="frozen_bn"))
     path = tmp_path / "backbone.pth"
     torch.save(model.backbone.body.state_dict(), path)
     loaded = build_model(dataclasses.replace(TINY, backbone_weights=str(path)))
