@@ -7,7 +7,8 @@ from querypose.optim import build_optimizer, build_scheduler, clip_gradients, lr
 
 def test_flow_gets_ten_times_the_learning_rate_and_frozen_params_are_skipped():
     model = build_model(ModelConfig(backbone="resnet10t", hidden_dim=32, ffn_dim=32, tower_channels=32,
-                                    tower_convs=1, num_queries=4, num_stages=1, part_dim=32, dynamic_dim=8))  # fmt: skip
+                                    tower_convs=1, num_queries=4, num_stages=1, part_dim=32, dynamic_dim=8,
+                                    backbone_norm="frozen_bn"))  # fmt: skip
     optimizer = build_optimizer(model, lr=2.5e-5, weight_decay=1e-4)
     groups = {g["name"]: g for g in optimizer.param_groups}
     assert groups["flow"]["lr"] == pytest.approx(2.5e-4) and groups["model"]["lr"] == pytest.approx(2.5e-5)
