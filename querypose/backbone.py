@@ -36,7 +36,7 @@ class Backbone(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         timm_name, out_indices, kwargs = TIMM_BACKBONES[cfg.backbone]
-        norm = cfg.resolved_backbone_norm if cfg.backbone.startswith("resnet") else None
+        norm = cfg.resolved_backbone_norm
         if norm == "group_norm":
             kwargs = {**kwargs, "norm_layer": group_norm}
         elif norm == "frozen_bn":

@@ -113,7 +113,10 @@ class ModelConfig:
             raise ConfigError(f"model.prune_keep: {self.prune_keep} exceeds model.num_queries={self.num_queries}")
 
     @property
-    def resolved_backbone_norm(self) -> str:
+    def resolved_backbone_norm(self) -> str | None:
+        """The ResNet normalisation to build; None for the other backbones, which keep their own."""
+        if not self.backbone.startswith("resnet"):
+            return None
         if self.backbone_norm != "auto":
             return self.backbone_norm
         return "frozen_bn" if self.backbone_weights else "group_norm"
