@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     eval_every = args.eval_every or max(1.0, args.minutes / 10)
 
     splits = train_local.synthetic_splits(cfg, args.synthetic_root)
-    train_samples = list(coco_samples(*splits["train"]))
+    train_samples = list(coco_samples(*splits["train"], only_with_people=True))
     val_samples = list(coco_samples(*splits["val"]))
     model, criterion, optimizer, scheduler = train_local.build_training(cfg, device)
     batches = train_local.training_batches(train_samples, cfg, np.random.default_rng(cfg.train.seed))

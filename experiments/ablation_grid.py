@@ -37,6 +37,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.stop_after is not None and args.stop_after < 1:
             raise ConfigError(f"--stop-after: must be >= 1, got {args.stop_after}")
         cfg = load_config(args.config, args.overrides)
+        cfg.check_trainable()
         if not cfg.tune.grid_cells():
             raise ConfigError("tune: the grid is empty: give tune.axes or tune.cells")
     except ConfigError as error:

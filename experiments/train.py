@@ -29,6 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)  # validated before Ray starts
+        cfg.check_trainable()
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

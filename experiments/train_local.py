@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    amp = torch.bfloat16 if cfg.train.amp and device.type == "cuda" else None
+    amp = torch.bfloat16 if cfg.train.amp else None
 
     if args.train_json:
         splits = {"train": (args.train_json, args.train_images), "val": (args.val_json, args.val_images)}
@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
                 return 2
     else:
         splits = synthetic_splits(cfg, args.synthetic_root)
-    train_samples = list(coco_samples(*splits["train"]))
+    train_samples = list(coco_samples(*splits["train"], only_with_people=True))
     val_samples = list(coco_samples(*splits["val"]))
     if cfg.data.max_val_images and len(val_samples) > cfg.data.max_val_images:
         val_samples = val_samples[: cfg.data.max_val_images]

@@ -9,12 +9,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from querypose.layers import xavier
+
 
 class MultiHeadAttention(nn.Module):
     """nn.MultiheadAttention (batch_first, no dropout) computed with scaled_dot_product_attention.
 
-    The parameters have nn.MultiheadAttention's names, shapes and initialisation (in_proj_weight, in_proj_bias,
-    out_proj), so checkpoints of either load into the other. `fused = False` computes softmax(QK^T / sqrt(c)) V
+    The parameters have nn.MultiheadAttention's names and shapes (in_proj_weight, in_proj_bias, out_proj), so
+    checkpoints of either load into the other; out_proj starts xavier-uniform like every decoder weight. `fused = False` computes softmax(QK^T / sqrt(c)) V
     explicitly instead: the reference the fused path is tested against, and the benchmark's baseline.
     """
 
@@ -25,7 +27,7 @@ class MultiHeadAttention(nn.Module):
         self.dim, self.num_heads = dim, num_heads
         self.in_proj_weight = nn.Parameter(torch.empty(3 * dim, dim))
         self.in_proj_bias = nn.Parameter(torch.zeros(3 * dim))
-        self.out_proj = nn.Linear(dim, dim)
+        self.out_proj = xavier(nn.Linear(dim, dim))  # the decoder's init; nn.MultiheadAttention keeps Linear's
         nn.init.xavier_uniform_(self.in_proj_weight)
         nn.init.zeros_(self.out_proj.bias)
         self.fused = True

@@ -1,4 +1,9 @@
-"""timm backbone (features at strides 4, 8, 16, 32) + torchvision FPN -> P2..P5 with `hidden_dim` channels."""
+"""timm backbone (features at strides 4, 8, 16, 32) + torchvision FPN -> P2..P5 with `hidden_dim` channels.
+
+Pretrained weights come through timm's own loader (`pretrained_cfg_overlay`): a model-hub name is fetched once into
+the Hugging Face cache (and read from it offline), a local file is read with `weights_only=True`; timm drops the
+classifier and adapts what the architecture needs (e.g. Swin's relative-position tables).
+"""
 
 from __future__ import annotations
 
@@ -13,7 +18,6 @@ from torch import nn
 from torchvision.ops import FeaturePyramidNetwork
 
 from querypose.config import ModelConfig
-from querypose.weights import read_tensor_file
 
 # config name -> (timm model name, out_indices of the stride 4/8/16/32 features, extra timm kwargs)
 TIMM_BACKBONES = {
@@ -22,10 +26,14 @@ TIMM_BACKBONES = {
     "resnet34": ("resnet34", (1, 2, 3, 4), {}),
     "resnet50": ("resnet50", (1, 2, 3, 4), {}),
     "resnet101": ("resnet101", (1, 2, 3, 4), {}),
-    "hrnet_w32": ("hrnet_w32", (1, 2, 3, 4), {}),
-    "hrnet_w48": ("hrnet_w48", (1, 2, 3, 4), {}),
-    "swin_large": ("swin_large_patch4_window12_384", (0, 1, 2, 3), {"strict_img_size": False}),
+    # The four branches themselves (W32: 32/64/128/256 channels), as the authors' FPN reads them, not timm's
+    # default "incre" modules (128..1024).
+    "hrnet_w32": ("hrnet_w32", (1, 2, 3, 4), {"feature_location": ""}),
+    "hrnet_w48": ("hrnet_w48", (1, 2, 3, 4), {"feature_location": ""}),
+    # Window 7 at 224 px with stochastic depth 0.2: the authors' Swin-L (ImageNet-22k swin_large_patch4_window7_224).
+    "swin_large": ("swin_large_patch4_window7_224", (0, 1, 2, 3), {"strict_img_size": False, "drop_path_rate": 0.2}),
 }
+HUB_PREFIXES = ("timm/", "hf-hub:")
 # Stem and first stage modules frozen by `freeze_backbone_at` (detectron2's FREEZE_AT) for ResNets.
 RESNET_FREEZE_ORDER = (("conv1", "bn1"), ("layer1",), ("layer2",), ("layer3",), ("layer4",))
 
@@ -41,13 +49,9 @@ class Backbone(nn.Module):
             kwargs = {**kwargs, "norm_layer": group_norm}
         elif norm == "frozen_bn":
             # timm zero-initialises each block's last BN scale; frozen at zero, every residual branch would stay
-            # dead when no weights file overwrites it.
+            # dead when no weights overwrite it.
             kwargs = {**kwargs, "zero_init_last": False}
-        self.body = timm.create_model(
-            timm_name, pretrained=False, features_only=True, out_indices=out_indices, **kwargs
-        )
-        if cfg.backbone_weights:
-            load_backbone_weights(self.body, cfg.backbone_weights)
+        self.body = create_body(cfg, timm_name, out_indices, kwargs)
         if norm == "frozen_bn":
             self.body = freeze_batch_norm_2d(self.body)
             self._freeze(cfg.freeze_backbone_at)
@@ -75,25 +79,66 @@ def group_norm(num_channels: int, **kwargs) -> GroupNorm:
     return GroupNorm(num_channels, num_groups=math.gcd(32, num_channels), **kwargs)
 
 
-def load_backbone_weights(body: nn.Module, path: str | Path) -> None:
-    """Load a local timm checkpoint into the features-only backbone, naming the file in every error."""
-    state = read_tensor_file(path, "backbone weights file")
-    if isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]
-    # BatchNorm's step counter means nothing to frozen statistics; a classification checkpoint's head (fc.*) has
-    # no place in a features-only model.
-    expected = {k: v for k, v in body.state_dict().items() if not k.endswith("num_batches_tracked")}
-    state = {
-        k: v
-        for k, v in state.items()
-        if not k.endswith("num_batches_tracked") and (k in expected or not k.startswith(("fc.", "head", "classifier")))
-    }
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    if missing or unexpected:
+def weights_overlay(weights: str | None, timm_name: str) -> dict | None:
+    """`model.backbone_weights` -> timm's pretrained_cfg_overlay ({"hf_hub_id": ...} or {"file": ...}), or None for
+    random init. Errors name the key."""
+    if weights is None or weights.lower() == "none":
+        return None
+    if "://" in weights:
         raise ValueError(
-            f"backbone weights file {path} does not match the backbone: "
-            f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
-            f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}"
+            f"model.backbone_weights={weights!r}: object-store URIs are fetched to a local file by the platform "
+            "(querypose_platform) before the model is built; pass that local path here"
         )
-    body.load_state_dict(state, strict=False)
+    if weights.startswith(HUB_PREFIXES) and not Path(weights).is_file():
+        hub_id = weights.removeprefix("hf-hub:")
+        architecture = hub_id.split("/", 1)[-1].split(".", 1)[0]
+        if hub_id.startswith("timm/") and architecture != timm_name:
+            raise ValueError(
+                f"model.backbone_weights={weights!r} holds timm's {architecture!r}, but the backbone is {timm_name!r}"
+            )
+        return {"hf_hub_id": hub_id}
+    path = Path(weights).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"model.backbone_weights: file {path} does not exist")
+    return {"file": str(path.resolve())}
+
+
+def create_body(cfg: ModelConfig, timm_name: str, out_indices: tuple[int, ...], kwargs: dict) -> nn.Module:
+    """The timm features-only model with the configured pretrained weights, every randomly initialised
+    parameter of it loaded from them."""
+    overlay = weights_overlay(cfg.backbone_weights, timm_name)
+
+    def create(seed: int, **pretrained) -> nn.Module:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return timm.create_model(timm_name, features_only=True, out_indices=out_indices, **pretrained, **kwargs)
+
+    if overlay is None:
+        return timm.create_model(timm_name, pretrained=False, features_only=True, out_indices=out_indices, **kwargs)
+    try:
+        body = create(0, pretrained=True, pretrained_cfg_overlay=overlay)
+    except (OSError, RuntimeError, ValueError, KeyError) as error:
+        where = "in the Hugging Face cache or on the hub" if "hf_hub_id" in overlay else "a checkpoint for it"
+        raise ValueError(
+            f"model.backbone_weights={cfg.backbone_weights!r}: could not load weights for {timm_name!r} (is it "
+            f"{where}?): {type(error).__name__}: {str(error)[:500]}"
+        ) from error
+    # timm loads into a features-only model non-strictly (the classifier is dropped), so a checkpoint that lacks
+    # layers loads silently. A parameter still at its seed-0 random init was not in the file; parameters whose
+    # init is constant (norm scales, zero biases) are the same for every seed and cannot be told apart.
+    seed0, seed1 = _fingerprints(create(0)), _fingerprints(create(1))
+    now = _fingerprints(body)
+    missing = [name for name, print0 in seed0.items() if print0 != seed1[name] and now[name] == print0]
+    if missing:
+        raise ValueError(
+            f"model.backbone_weights={cfg.backbone_weights!r} does not fit {timm_name!r}: {len(missing)} parameters "
+            f"were not in it, e.g. {', '.join(missing[:5])}"
+        )
+    return body
+
+
+def _fingerprints(module: nn.Module) -> dict[str, tuple[float, float]]:
+    with torch.no_grad():
+        return {
+            name: (float(p.double().sum()), float(p.double().square().sum())) for name, p in module.named_parameters()
+        }

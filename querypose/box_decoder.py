@@ -11,6 +11,7 @@ from querypose.attention import MultiHeadAttention
 from querypose.box_ops import MultiLevelRoIAlign, apply_deltas, rois_from_boxes
 from querypose.config import ModelConfig
 from querypose.interactions import DynamicConv
+from querypose.layers import xavier
 
 BOX_POOL = 7
 PRIOR_PROB = 0.01
@@ -19,7 +20,7 @@ PRIOR_PROB = 0.01
 def tower(dim: int, depth: int) -> nn.Sequential:
     layers: list[nn.Module] = []
     for _ in range(depth):
-        layers += [nn.Linear(dim, dim, bias=False), nn.LayerNorm(dim), nn.ReLU(inplace=True)]
+        layers += [xavier(nn.Linear(dim, dim, bias=False)), nn.LayerNorm(dim), nn.ReLU(inplace=True)]
     return nn.Sequential(*layers)
 
 
@@ -28,7 +29,7 @@ class FeedForward(nn.Module):
 
     def __init__(self, dim: int, hidden: int) -> None:
         super().__init__()
-        self.net = nn.Sequential(nn.Linear(dim, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, dim))
+        self.net = nn.Sequential(xavier(nn.Linear(dim, hidden)), nn.ReLU(inplace=True), xavier(nn.Linear(hidden, dim)))
         self.norm = nn.LayerNorm(dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -47,8 +48,8 @@ class BoxStage(nn.Module):
         self.ffn = FeedForward(dim, cfg.ffn_dim)
         self.cls_tower = tower(dim, 1)
         self.reg_tower = tower(dim, 3)
-        self.cls_logits = nn.Linear(dim, 1)
-        self.bbox_deltas = nn.Linear(dim, 4)
+        self.cls_logits = xavier(nn.Linear(dim, 1))
+        self.bbox_deltas = xavier(nn.Linear(dim, 4))
         nn.init.constant_(self.cls_logits.bias, -math.log((1 - PRIOR_PROB) / PRIOR_PROB))
 
     def forward(

@@ -9,7 +9,7 @@ from torchvision.ops import roi_align
 from torchvision.ops.poolers import LevelMapper
 
 DELTA_WEIGHTS = (2.0, 2.0, 1.0, 1.0)
-SCALE_CLAMP = math.log(1000.0 / 16)
+SCALE_CLAMP = math.log(100000.0 / 16)  # the authors' clamp (Sparse R-CNN's); detectron2 uses 1000 / 16
 
 
 def apply_deltas(deltas: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:

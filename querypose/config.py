@@ -45,7 +45,10 @@ class ModelConfig:
     num_stages: int = 6
     dataset: Dataset = "coco"
 
-    # Backbone: random init unless a local weights file is given (loaded with weights_only=True).
+    # Pretrained backbone weights: a timm model-hub name ("timm/resnet50.tv_in1k", fetched once into the Hugging
+    # Face cache), a local checkpoint file, or "none" for random init on purpose. Object-store URIs (s3://, gs://)
+    # are fetched to a local file by the platform before the model is built. None = not given: random init, which
+    # the experiment config refuses for real data.
     backbone_weights: str | None = None
     # ResNet normalisation. frozen_bn is detectron2's recipe for pretrained weights (frozen statistics, stem and
     # first `freeze_backbone_at` stages frozen); group_norm trains from scratch (He et al., "Rethinking ImageNet
@@ -74,6 +77,10 @@ class ModelConfig:
     keypoint_training_queries: KeypointTrainingQueries = "matched"
     focal_alpha: float = 0.25
     focal_gamma: float = 2.0
+    # The authors' auxiliary keypoint-heatmap loss (AUX_KPS_HEATMAP), off in their configs: a heatmap head on P2
+    # trained with CornerNet's focal loss on Gaussian targets; training only.
+    aux_heatmap: bool = False
+    aux_heatmap_weight: float = 0.5
 
     # Inference.
     test_short_side: int = 800
@@ -92,7 +99,7 @@ class ModelConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"model.{name}: must be >= 1, got {getattr(self, name)}")
-        for name in ("cls_weight", "l1_weight", "giou_weight", "rle_weight", "keypoint_cost"):
+        for name in ("cls_weight", "l1_weight", "giou_weight", "rle_weight", "keypoint_cost", "aux_heatmap_weight"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"model.{name}: must be >= 0, got {getattr(self, name)}")
         if self.hidden_dim % self.num_heads:
@@ -119,7 +126,11 @@ class ModelConfig:
             return None
         if self.backbone_norm != "auto":
             return self.backbone_norm
-        return "frozen_bn" if self.backbone_weights else "group_norm"
+        return "frozen_bn" if self.has_backbone_weights else "group_norm"
+
+    @property
+    def has_backbone_weights(self) -> bool:
+        return self.backbone_weights is not None and self.backbone_weights.lower() != "none"
 
     def _check_combinations(self) -> None:
         if self.backbone_norm != "auto" and not self.backbone.startswith("resnet"):

@@ -9,6 +9,7 @@ from torchvision.ops import generalized_box_iou_loss, sigmoid_focal_loss
 
 from querypose.config import ModelConfig
 from querypose.flow import RealNVP, rle_loss
+from querypose.heatmap import heatmap_focal_loss, render_heatmaps
 from querypose.model import encode_keypoints
 
 
@@ -18,7 +19,9 @@ class SetCriterion(nn.Module):
 
     Per stage s the unweighted terms are `loss_cls_s{s}`, `loss_l1_s{s}`, `loss_giou_s{s}`, `loss_rle_s{s}`;
     `loss` is the weighted sum over all stages. Every term is divided by the number of people in the batch,
-    averaged over workers when torch.distributed is initialised.
+    averaged over workers when torch.distributed is initialised, and the RLE term also by the number of keypoints
+    K, as the authors do (`num_boxes * 17` on COCO): it is a mean per keypoint, not per person. With the model's
+    auxiliary heatmap head on, `loss_aux_heatmap` (CornerNet focal loss, once per batch) joins the total.
     """
 
     def __init__(
@@ -29,14 +32,19 @@ class SetCriterion(nn.Module):
         rle_weight: float = 1.0,
         focal_alpha: float = 0.25,
         focal_gamma: float = 2.0,
+        aux_heatmap_weight: float = 0.5,
     ) -> None:
         super().__init__()
         self.weights = {"cls": cls_weight, "l1": l1_weight, "giou": giou_weight, "rle": rle_weight}
         self.focal_alpha, self.focal_gamma = focal_alpha, focal_gamma
+        self.aux_heatmap_weight = aux_heatmap_weight
 
     @classmethod
     def from_config(cls, cfg: ModelConfig) -> SetCriterion:
-        return cls(cfg.cls_weight, cfg.l1_weight, cfg.giou_weight, cfg.rle_weight, cfg.focal_alpha, cfg.focal_gamma)
+        return cls(
+            cfg.cls_weight, cfg.l1_weight, cfg.giou_weight, cfg.rle_weight, cfg.focal_alpha, cfg.focal_gamma,
+            cfg.aux_heatmap_weight,
+        )  # fmt: skip
 
     def forward(
         self,
@@ -48,7 +56,8 @@ class SetCriterion(nn.Module):
         """Params:
             outputs: {"stages": [stage, ...]}, each stage with logits (B, N), boxes (B, N, 4) xyxy pixels,
                 indices (B pairs (pred_idx, gt_idx)), keypoint_mu / keypoint_sigma (T, K, 2) box-relative for the
-                T matched pairs in indices order, keypoint_boxes (T, 4) the detached boxes they are relative to.
+                T matched pairs in indices order, keypoint_boxes (T, 4) the detached boxes they are relative to;
+                optionally "heatmap" (B, K, H/4, W/4) logits of the auxiliary head.
             targets: B dicts with "boxes" (P_b, 4) xyxy pixels and "keypoints" (P_b, K, 3) [x, y, v] pixels.
             image_sizes: (B, 2) [h, w] of the unpadded images.
             flow: the RLE density (the model's `flow`).
@@ -68,9 +77,15 @@ class SetCriterion(nn.Module):
                 **self.loss_boxes(stage["boxes"], matched, image_sizes),
                 "rle": self.loss_rle(stage, matched, flow),
             }
+            terms["rle"] = terms["rle"] / num_keypoints
             for name, value in terms.items():
                 losses[f"loss_{name}_s{s}"] = value / num_people
                 total = total + self.weights[name] * losses[f"loss_{name}_s{s}"]
+        if "heatmap" in outputs:
+            heatmap = outputs["heatmap"]
+            target = render_heatmaps(targets, tuple(heatmap.shape[-2:]), heatmap.shape[1])
+            losses["loss_aux_heatmap"] = heatmap_focal_loss(heatmap, target.to(heatmap.device))
+            total = total + self.aux_heatmap_weight * losses["loss_aux_heatmap"]
         losses["loss"] = total
         return losses
 

@@ -15,6 +15,7 @@ from torch import nn
 
 from querypose.evaluation import evaluate_keypoints
 from querypose.optim import clip_gradients
+from querypose.transforms import KEYPOINT_PIXEL_CENTRE, has_people, people_arrays
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -71,10 +72,13 @@ def _touch_all_parameters(model: nn.Module) -> torch.Tensor:
 
 
 def to_coco_results(poses: dict[str, torch.Tensor], image_id: int) -> list[dict]:
-    """One image's predicted poses (keypoints (N, K, 3), scores (N,)) -> COCO keypoint result records."""
+    """One image's predicted poses (keypoints (N, K, 3) in continuous original-image pixels, scores (N,)) -> COCO
+    keypoint result records, with x, y back in COCO's pixel-index convention."""
+    keypoints = poses["keypoints"].clone()
+    keypoints[..., :2] -= KEYPOINT_PIXEL_CENTRE
     records = []
-    for keypoints, score in zip(poses["keypoints"].tolist(), poses["scores"].tolist(), strict=True):
-        flat = [round(v, 2) for point in keypoints for v in point]
+    for points, score in zip(keypoints.tolist(), poses["scores"].tolist(), strict=True):
+        flat = [round(v, 2) for point in points for v in point]
         records.append({"image_id": int(image_id), "category_id": 1, "keypoints": flat, "score": round(score, 5)})
     return records
 
@@ -87,20 +91,20 @@ def load_rgb(path: str | Path) -> np.ndarray:
     return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
 
 
-def coco_samples(gt_json: str | Path, image_dir: str | Path) -> Iterator[dict]:
+def coco_samples(gt_json: str | Path, image_dir: str | Path, only_with_people: bool = False) -> Iterator[dict]:
     """The images of a COCO-format keypoint file as samples: {"image_id", "image" (H, W, 3) uint8 RGB,
-    "boxes" (P, 4) float32 xyxy pixels, "keypoints" (P, K, 3) float32}. Crowd regions are left out."""
+    "boxes" (P, 4) float32 xyxy pixels, "keypoints" (P, K, 3) float32 continuous coordinates}. Crowd regions are
+    left out; `only_with_people` also leaves out images without a non-crowd person (for training)."""
     content = json.loads(Path(gt_json).read_text())
     num_keypoints = len(content["categories"][0]["keypoints"])
-    people: dict[int, list[dict]] = {}
+    annotations_of: dict[int, list[dict]] = {}
     for annotation in content["annotations"]:
-        if not annotation.get("iscrowd", 0):
-            people.setdefault(annotation["image_id"], []).append(annotation)
+        annotations_of.setdefault(annotation["image_id"], []).append(annotation)
     for record in content["images"]:
-        annotations = people.get(record["id"], [])
-        boxes = np.array([a["bbox"] for a in annotations], np.float32).reshape(-1, 4)
-        boxes[:, 2:] += boxes[:, :2]  # xywh -> xyxy
-        keypoints = np.array([a["keypoints"] for a in annotations], np.float32).reshape(-1, num_keypoints, 3)
+        annotations = annotations_of.get(record["id"], [])
+        if only_with_people and not has_people(annotations):
+            continue
+        boxes, keypoints = people_arrays(annotations, num_keypoints)
         yield {
             "image_id": record["id"],
             "image": load_rgb(Path(image_dir) / record["file_name"]),

@@ -25,12 +25,9 @@ class RealNVP(nn.Module):
         masks = torch.tensor([[0.0, 1.0], [1.0, 0.0]]).repeat(num_couplings // 2, 1)  # (6, 2)
         self.register_buffer("masks", masks, persistent=False)
         self.scale_nets = nn.ModuleList(_coupling_net(nn.Tanh()) for _ in range(num_couplings))
+        # Linear's own initialisation: the authors' flow has a small-gain xavier init (`_init`) that is never
+        # called, and it sits outside the decoder their global xavier loop reaches.
         self.shift_nets = nn.ModuleList(_coupling_net(None) for _ in range(num_couplings))
-        for net in [*self.scale_nets, *self.shift_nets]:
-            for layer in net:
-                if isinstance(layer, nn.Linear):
-                    nn.init.xavier_uniform_(layer.weight, gain=0.01)
-                    nn.init.zeros_(layer.bias)
 
     def to_latent(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Map data x (..., 2) to the prior's space; returns (z, log|det dz/dx|) with shapes (..., 2), (...)."""

@@ -2,16 +2,20 @@
 
 Every interaction maps queries (R, Q, C) and RoI tokens (R, L, C) to embeddings (R, Q, C): one per query.
 With instance queries Q = 1 and C = d; with part queries Q = M and C = d_p (tokens projected to d_p first).
-SPEGM reads the RoI feature map itself and lives in spegm.py.
+SPEGM (spegm.py) and spatial attention read the RoI as a feature map (tokens reshaped back to 14 x 14).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from querypose.attention import MultiHeadAttention
+from querypose.layers import xavier
+from querypose.spegm import SPEGM
 
 
 class DynamicConv(nn.Module):
@@ -23,10 +27,10 @@ class DynamicConv(nn.Module):
     def __init__(self, dim: int, dynamic_dim: int, num_tokens: int) -> None:
         super().__init__()
         self.dim, self.dynamic_dim = dim, dynamic_dim
-        self.generate = nn.Linear(dim, 2 * dim * dynamic_dim)
+        self.generate = xavier(nn.Linear(dim, 2 * dim * dynamic_dim))
         self.norm1 = nn.LayerNorm(dynamic_dim)
         self.norm2 = nn.LayerNorm(dim)
-        self.out = nn.Linear(num_tokens * dim, dim)
+        self.out = xavier(nn.Linear(num_tokens * dim, dim))
         self.norm3 = nn.LayerNorm(dim)
 
     def forward(self, query: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
@@ -68,10 +72,10 @@ class DynamicSpatialInteraction(nn.Module):
     def __init__(self, dim: int, dynamic_dim: int, num_tokens: int, num_heads: int) -> None:
         super().__init__()
         self.num_tokens, self.dynamic_dim = num_tokens, dynamic_dim
-        self.generate = nn.Linear(dim, 2 * num_tokens * dynamic_dim)
+        self.generate = xavier(nn.Linear(dim, 2 * num_tokens * dynamic_dim))
         self.norm1 = nn.LayerNorm(dynamic_dim)
         self.norm2 = nn.LayerNorm(num_tokens)
-        self.out = nn.Linear(dim, dim)
+        self.out = xavier(nn.Linear(dim, dim))
 
     def forward(self, queries: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         num_rois, num_queries, dim = queries.shape
@@ -86,17 +90,18 @@ class DynamicSpatialInteraction(nn.Module):
 
 
 class SpatialAttentionInteraction(nn.Module):
-    """One softmax map over the L positions pools the tokens into a single embedding (instance queries)."""
+    """ "Spatial Attn." of Table 1: one global spatial attention map over the upsampled RoI pools it into a single
+    embedding that enhances the instance query; SPEGM's mechanism with one map instead of one per part."""
 
     def __init__(self, dim: int, dynamic_dim: int, num_tokens: int, num_heads: int) -> None:
         super().__init__()
-        self.score = nn.Linear(dim, 1)
-        self.out = nn.Linear(dim, dim)
+        self.side = math.isqrt(num_tokens)
+        self.pool = SPEGM(dim, dim, num_parts=1)
 
     def forward(self, queries: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        weights = self.score(tokens).softmax(dim=1)  # (R, L, 1)
-        pooled = (weights * tokens).sum(dim=1, keepdim=True)  # (R, 1, C)
-        return self.out(pooled).expand(-1, queries.shape[1], -1)
+        features = tokens.transpose(1, 2).unflatten(2, (self.side, self.side))  # (R, C, 14, 14)
+        embedding, _ = self.pool(features)  # (R, 1, C)
+        return embedding.expand(-1, queries.shape[1], -1)
 
 
 # The Table 1 variants that read tokens; `spegm` is built by the keypoint decoder from spegm.py.

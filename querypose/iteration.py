@@ -10,15 +10,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from querypose.layers import xavier
+
 
 class SelectiveIteration(nn.Module):
-    """SIM: gates from sigmoid(MLP(E + Q)) weigh the new embeddings against the previous queries."""
+    """SIM: gates from sigmoid(MLP(E + Q)) weigh the new embeddings against the previous queries. The MLP's
+    hidden width is part_dim / 4 (the authors' reduction factor)."""
 
-    def __init__(self, part_dim: int, hidden: int = 32) -> None:
+    def __init__(self, part_dim: int) -> None:
         super().__init__()
-        self.reduce = nn.Linear(part_dim, hidden, bias=False)
+        hidden = part_dim // 4
+        self.reduce = xavier(nn.Linear(part_dim, hidden, bias=False))
         self.norm = nn.LayerNorm(hidden)
-        self.expand = nn.Linear(hidden, 2 * part_dim)
+        self.expand = xavier(nn.Linear(hidden, 2 * part_dim))
         self.last_gates: torch.Tensor | None = None  # (R, M, 2 d_p), kept for inspection and tests
 
     def forward(self, embeddings: torch.Tensor, previous: torch.Tensor) -> torch.Tensor:
@@ -39,7 +43,7 @@ class SumIteration(nn.Module):
 class ConcatIteration(nn.Module):
     def __init__(self, part_dim: int) -> None:
         super().__init__()
-        self.fuse = nn.Linear(2 * part_dim, part_dim)
+        self.fuse = xavier(nn.Linear(2 * part_dim, part_dim))
 
     def forward(self, embeddings: torch.Tensor, previous: torch.Tensor) -> torch.Tensor:
         return self.fuse(torch.cat([embeddings, previous], dim=-1))

@@ -12,9 +12,10 @@ from querypose.attention import MultiHeadAttention
 from querypose.box_decoder import FeedForward
 from querypose.box_ops import rois_from_boxes
 from querypose.config import ModelConfig
-from querypose.interactions import TOKEN_INTERACTIONS, DynamicConv
+from querypose.interactions import TOKEN_INTERACTIONS
 from querypose.iteration import ITERATIONS, SelectiveIteration
 from querypose.keypoints import KeypointSpec
+from querypose.layers import linear_default_bias, xavier, xavier_blocks
 from querypose.spegm import SPEGM
 
 POSE_POOL = 14
@@ -36,7 +37,8 @@ class PartHeads(nn.Module):
     """Non-shared linear heads, one per part: part m regresses (mu, sigma) for its own |part m| keypoints.
 
     All parts' weights sit in one tensor and each output coordinate gathers its part's query, so the heads
-    run as one batched op. queries (R, M, d_p) -> mu, sigma (R, K, 2) in keypoint order.
+    run as one batched op; each part's rows are initialised as its own xavier-uniform Linear(d_p, 2 |part m|)
+    with Linear's bias. queries (R, M, d_p) -> mu, sigma (R, K, 2) in keypoint order.
     """
 
     def __init__(self, part_dim: int, spec: KeypointSpec, scheme: str) -> None:
@@ -47,11 +49,13 @@ class PartHeads(nn.Module):
         self.register_buffer("to_keypoint_order", torch.from_numpy(spec.inverse_part_order(scheme)), persistent=False)
         outputs = 2 * spec.num_keypoints
         self.mu_weight = nn.Parameter(torch.empty(outputs, part_dim))
-        self.mu_bias = nn.Parameter(torch.zeros(outputs))
+        self.mu_bias = nn.Parameter(torch.empty(outputs))
         self.sigma_weight = nn.Parameter(torch.empty(outputs, part_dim))
-        self.sigma_bias = nn.Parameter(torch.zeros(outputs))
-        nn.init.xavier_uniform_(self.mu_weight, gain=0.01)
-        nn.init.xavier_uniform_(self.sigma_weight)
+        self.sigma_bias = nn.Parameter(torch.empty(outputs))
+        rows_per_part = [2 * len(part) for part in parts]
+        for weight, bias in ((self.mu_weight, self.mu_bias), (self.sigma_weight, self.sigma_bias)):
+            xavier_blocks(weight, rows_per_part)
+            linear_default_bias(bias, part_dim)
 
     def forward(self, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         per_output = queries[:, self.part_of_output]  # (R, 2K, d_p): each coordinate's own part query
@@ -69,7 +73,7 @@ def roi_tower(dim: int, hidden: int, depth: int) -> nn.Sequential:
     channels = [dim] + [hidden] * (depth - 1) + [dim]
     layers: list[nn.Module] = []
     for c_in, c_out in zip(channels[:-1], channels[1:], strict=True):
-        layers += [nn.Conv2d(c_in, c_out, 3, padding=1), nn.ReLU(inplace=True)]
+        layers += [xavier(nn.Conv2d(c_in, c_out, 3, padding=1), zero_bias=True), nn.ReLU(inplace=True)]
     return nn.Sequential(*layers)
 
 
@@ -81,27 +85,31 @@ class KeypointStage(nn.Module):
         self.mode = "baseline" if cfg.keypoint_head == "conv_gap_baseline" else cfg.query_type
         self.tower = roi_tower(dim, cfg.tower_channels, cfg.tower_convs)
         self.serial = cfg.instance_pipeline == "serial"
-        if self.serial:  # Fig. 3b: the instance query also reads the pose RoI and goes on to the next box stage
-            self.instance_conv = DynamicConv(dim, cfg.dynamic_dim, NUM_TOKENS)
+        # The instance branch: Q_I reads the pose RoI. Under the serial pipeline (Fig. 3b) the updated Q_I goes on
+        # to the next box stage; part rows and the baseline read with DyMLP-channel as the authors do. Instance
+        # rows (Table 1) regress from Q_I, and the row's interaction is their one branch, so the DyMLP-channel
+        # row has a single DyMLP-channel, not the serial branch's plus another.
+        if self.serial or self.mode == "instance":
+            branch = cfg.interaction if self.mode == "instance" else "dymlp_channel"
+            self.instance_interaction = TOKEN_INTERACTIONS[branch](dim, cfg.dynamic_dim, NUM_TOKENS, cfg.num_heads)
             self.instance_norm = nn.LayerNorm(dim)
             self.instance_ffn = FeedForward(dim, cfg.ffn_dim)
 
         if self.mode == "baseline":
-            self.baseline_head = nn.Linear(dim, 4 * spec.num_keypoints)
+            self.baseline_head = xavier(nn.Linear(dim, 4 * spec.num_keypoints))
         elif self.mode == "instance":
-            self.interaction = TOKEN_INTERACTIONS[cfg.interaction](dim, cfg.dynamic_dim, NUM_TOKENS, cfg.num_heads)
-            self.interaction_norm = nn.LayerNorm(dim)
-            self.interaction_ffn = FeedForward(dim, cfg.ffn_dim)
-            self.mu_head = NormLinear(dim, 2 * spec.num_keypoints)
-            self.sigma_head = nn.Linear(dim, 2 * spec.num_keypoints)
+            self.mu_head = xavier(NormLinear(dim, 2 * spec.num_keypoints))
+            self.sigma_head = xavier(nn.Linear(dim, 2 * spec.num_keypoints))
         else:
             num_parts = len(spec.parts(cfg.part_scheme))
             self.num_parts, self.part_dim = num_parts, part_dim
-            self.instance_to_parts = nn.Linear(dim, num_parts * part_dim)  # Q_I's contribution to each part
+            # Q_I's contribution to each part: one Linear(d, d_p) per part, stored as one.
+            self.instance_to_parts = nn.Linear(dim, num_parts * part_dim)
+            xavier_blocks(self.instance_to_parts.weight, [part_dim] * num_parts)
             if cfg.interaction == "spegm":
                 self.spegm = SPEGM(dim, part_dim, num_parts)
             else:
-                self.token_projection = nn.Linear(dim, part_dim)
+                self.token_projection = xavier(nn.Linear(dim, part_dim))
                 self.interaction = TOKEN_INTERACTIONS[cfg.interaction](
                     part_dim, cfg.dynamic_dim, NUM_TOKENS, cfg.num_heads
                 )
@@ -127,29 +135,29 @@ class KeypointStage(nn.Module):
         """p2 (B, d, H/4, W/4); for R selected queries: boxes (R, 4) xyxy pixels, image_index (R,),
         instance_queries (R, d), part_queries (R, M, d_p) or None.
 
-        Returns mu, sigma (R, K, 2) box-relative, the updated instance_queries (R, d) and, for part queries,
-        part_queries (R, M, d_p) and attention (R, M, 28, 28) when SPEGM is used.
+        Returns mu, sigma (R, K, 2) box-relative, the instance_queries (R, d) the next box stage reads (updated
+        under the serial pipeline) and, for part queries, part_queries (R, M, d_p) and attention (R, M, 28, 28)
+        when SPEGM is used.
         """
         rois = rois_from_boxes(boxes, image_index)
         pooled = roi_align(p2, rois, POSE_POOL, spatial_scale=1 / P2_STRIDE, sampling_ratio=2, aligned=True)
         features = self.tower(pooled)  # (R, d, 14, 14)
         tokens = features.flatten(2).transpose(1, 2)  # (R, 196, d)
-        if self.serial:
-            instance_queries = self.instance_norm(instance_queries + self.instance_conv(instance_queries, tokens))
-            instance_queries = self.instance_ffn(instance_queries)
-        out = {"instance_queries": instance_queries}
+        updated = instance_queries
+        if hasattr(self, "instance_interaction"):
+            query = instance_queries[:, None]  # (R, 1, d)
+            query = self.instance_norm(query + self.instance_interaction(query, tokens))
+            updated = self.instance_ffn(query)[:, 0]
+        out = {"instance_queries": updated if self.serial else instance_queries}
 
         if self.mode == "baseline":
             raw = self.baseline_head(features.mean(dim=(2, 3))).view(-1, self.num_keypoints, 4)
             out["mu"], out["sigma"] = raw[..., :2], torch.sigmoid(raw[..., 2:])
         elif self.mode == "instance":
-            query = instance_queries[:, None]  # (R, 1, d)
-            query = self.interaction_norm(query + self.interaction(query, tokens))
-            query = self.interaction_ffn(query)[:, 0]
-            out["mu"] = self.mu_head(query).view(-1, self.num_keypoints, 2)
-            out["sigma"] = torch.sigmoid(self.sigma_head(query)).view(-1, self.num_keypoints, 2)
+            out["mu"] = self.mu_head(updated).view(-1, self.num_keypoints, 2)
+            out["sigma"] = torch.sigmoid(self.sigma_head(updated)).view(-1, self.num_keypoints, 2)
         else:
-            out.update(self._part_forward(features, tokens, instance_queries, part_queries))
+            out.update(self._part_forward(features, tokens, updated, part_queries))
         return out
 
     def _part_forward(

@@ -12,6 +12,7 @@ from querypose.backbone import Backbone
 from querypose.box_decoder import BoxStage
 from querypose.config import ModelConfig
 from querypose.flow import RealNVP
+from querypose.heatmap import HeatmapHead
 from querypose.keypoint_decoder import KeypointStage
 from querypose.keypoints import get_spec
 from querypose.matcher import HungarianMatcher
@@ -39,11 +40,12 @@ class QueryPose(nn.Module):
         self.cfg = cfg
         self.spec = get_spec(cfg.dataset)
         self.uses_part_queries = cfg.keypoint_head == "queries" and cfg.query_type == "part"
+        # Part queries carry over to the next stage only when they are iterated (SIM/sum/concat, Table 2a). With
+        # iteration "none" every stage starts from Q_P^0, token interactions (MHSA, DyMLP) included.
+        self.carries_part_state = self.uses_part_queries and cfg.iteration != "none"
         # Whether a keypoint stage updates state that later stages read: the serial pipeline's instance queries,
-        # or part queries that the next stage iterates (SIM/sum/concat) or feeds to a token interaction.
-        self.keypoint_stages_carry_state = cfg.instance_pipeline == "serial" or (
-            self.uses_part_queries and (cfg.iteration != "none" or cfg.interaction != "spegm")
-        )
+        # or iterated part queries.
+        self.keypoint_stages_carry_state = cfg.instance_pipeline == "serial" or self.carries_part_state
         self.channels_last = False
         num_parts = len(self.spec.parts(cfg.part_scheme))
         self.backbone = Backbone(cfg)
@@ -54,6 +56,8 @@ class QueryPose(nn.Module):
         if self.uses_part_queries:
             self.init_part_queries = nn.Embedding(num_parts, cfg.part_dim)
         self.flow = RealNVP()  # training only: the RLE loss's density of residuals
+        if cfg.aux_heatmap:  # training only
+            self.heatmap_head = HeatmapHead(cfg.hidden_dim, self.spec.num_keypoints)
         self.matcher = HungarianMatcher.from_config(cfg)
         self.register_buffer("pixel_mean", torch.tensor(PIXEL_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(PIXEL_STD).view(1, 3, 1, 1), persistent=False)
@@ -114,9 +118,10 @@ class QueryPose(nn.Module):
             instance[batch_index, query_index],
             None if parts is None else parts[batch_index, query_index],
         )
-        instance = instance.index_put((batch_index, query_index), out["instance_queries"])
-        if parts is not None:
-            parts = parts.index_put((batch_index, query_index), out["part_queries"])
+        # Under autocast the updates may come back in bf16; the state keeps its own dtype.
+        instance = instance.index_put((batch_index, query_index), out["instance_queries"].to(instance.dtype))
+        if self.carries_part_state:
+            parts = parts.index_put((batch_index, query_index), out["part_queries"].to(parts.dtype))
         return out, instance, parts
 
     # --- training ------------------------------------------------------------------------------------------
@@ -129,7 +134,8 @@ class QueryPose(nn.Module):
 
         Returns {"stages": [...]}, per stage: logits (B, N), boxes (B, N, 4), indices (B pairs of matched
         (pred_idx, gt_idx)), keypoint_mu / keypoint_sigma (T, K, 2) for the T matched queries in indices order,
-        keypoint_boxes (T, 4) the detached boxes they are relative to.
+        keypoint_boxes (T, 4) the detached boxes they are relative to; with model.aux_heatmap also "heatmap"
+        (B, K, H/4, W/4) logits.
         """
         features = self._features(images, image_sizes)
         boxes, instance, parts = self._initial_state(image_sizes)
@@ -158,7 +164,10 @@ class QueryPose(nn.Module):
                     "keypoint_boxes": boxes[batch_index, query_index],
                 }
             )
-        return {"stages": stages}
+        outputs = {"stages": stages}
+        if self.cfg.aux_heatmap:
+            outputs["heatmap"] = self.heatmap_head(features[0])
+        return outputs
 
     def _match_after_all_queries(self, stage, p2, logits, boxes, instance, parts, targets, image_sizes):
         """Run keypoint stage `stage` on all N queries (poses at stage s depend only on B^s), then match, on boxes
@@ -213,7 +222,7 @@ class QueryPose(nn.Module):
             None if parts is None else parts.flatten(0, 1),
         )
         instance = out["instance_queries"].view(batch, num_queries, -1)
-        if parts is not None:
+        if self.carries_part_state:
             parts = out["part_queries"].view(batch, num_queries, *parts.shape[2:])
         return out, instance, parts
 

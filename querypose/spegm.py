@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from querypose.layers import xavier
+
 
 class SPEGM(nn.Module):
     """RoI features -> M part embeddings through M spatial attention maps on an upsampled RoI.
@@ -16,12 +18,12 @@ class SPEGM(nn.Module):
     def __init__(self, dim: int, part_dim: int, num_parts: int) -> None:
         super().__init__()
         self.upsample = nn.Sequential(
-            nn.ConvTranspose2d(dim, dim, kernel_size=4, stride=2, padding=1, bias=False),
+            xavier(nn.ConvTranspose2d(dim, dim, kernel_size=4, stride=2, padding=1, bias=False)),
             nn.BatchNorm2d(dim),
             nn.ReLU(inplace=True),
         )
-        self.attention = nn.Conv2d(dim, num_parts, kernel_size=3, padding=1)
-        self.project = nn.Linear(dim, part_dim)
+        self.attention = xavier(nn.Conv2d(dim, num_parts, kernel_size=3, padding=1), zero_bias=True)
+        self.project = xavier(nn.Linear(dim, part_dim), zero_bias=True)
 
     def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         upsampled = self.upsample(features)  # (R, d, 28, 28)

@@ -20,9 +20,28 @@ def pad_batch(images: list[torch.Tensor], size_divisor: int = 32) -> tuple[torch
     return batch, sizes
 
 
-# --- numpy augmentation -----------------------------------------------------------------------------------------
+# --- annotations and numpy augmentation -------------------------------------------------------------------------
 # A sample is a dict: "image" uint8 (H, W, 3) RGB, "boxes" float32 (P, 4) xyxy pixels, "keypoints" float32
-# (P, K, 3) [x, y, v] pixels with x = y = 0 where v = 0; other keys pass through unchanged.
+# (P, K, 3) [x, y, v] with x = y = 0 where v = 0; other keys pass through unchanged. Coordinates are continuous:
+# pixel i covers [i, i + 1). COCO files give keypoints as pixel indices (pixel i's centre is i), so loading adds
+# 0.5 (detectron2's convention, the authors' too) and export subtracts it; a flip x -> width - x is then exact.
+KEYPOINT_PIXEL_CENTRE = 0.5
+
+
+def people_arrays(annotations: list[dict], num_keypoints: int) -> tuple[np.ndarray, np.ndarray]:
+    """COCO person annotations (bbox xywh, keypoints K*3 pixel indices) -> boxes (P, 4) xyxy and keypoints
+    (P, K, 3) in continuous coordinates, float32. Crowd regions are not people to detect and are left out."""
+    people = [a for a in annotations if not a.get("iscrowd", 0)]
+    boxes = np.array([a["bbox"] for a in people], np.float32).reshape(-1, 4)
+    boxes[:, 2:] += boxes[:, :2]
+    keypoints = np.array([a["keypoints"] for a in people], np.float32).reshape(-1, num_keypoints, 3)
+    keypoints[..., :2] += np.where(keypoints[..., 2:] > 0, KEYPOINT_PIXEL_CENTRE, 0.0).astype(np.float32)
+    return boxes, keypoints
+
+
+def has_people(annotations: list[dict]) -> bool:
+    """Whether an image has a person to train on: the authors (FILTER_EMPTY_ANNOTATIONS) train only on those."""
+    return any(not a.get("iscrowd", 0) for a in annotations)
 
 
 def hflip(sample: dict, flip_index: np.ndarray) -> dict:
@@ -65,12 +84,23 @@ def crop(sample: dict, x0: int, y0: int, width: int, height: int) -> dict:
     keypoints[..., 0] -= x0
     keypoints[..., 1] -= y0
     inside = (
-        (keypoints[..., 0] >= 0) & (keypoints[..., 0] < width) & (keypoints[..., 1] >= 0) & (keypoints[..., 1] < height)
+        (keypoints[..., 0] >= 0)
+        & (keypoints[..., 0] <= width)
+        & (keypoints[..., 1] >= 0)
+        & (keypoints[..., 1] <= height)
     )
     keep_point = inside & (keypoints[..., 2] > 0)
     keypoints[~keep_point] = 0.0
     keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])  # zero-area boxes lie outside the crop
     return {**sample, "image": np.ascontiguousarray(image), "boxes": boxes[keep], "keypoints": keypoints[keep]}
+
+
+def crop_window(height: int, width: int, crop_size: tuple[int, int], rng: np.random.Generator) -> tuple[int, ...]:
+    """(x0, y0, width, height) of a random window, its sides drawn as detectron2's RandomCrop("absolute_range",
+    crop_size): uniform in [min(side, lo), min(side, hi)], so a side shorter than lo is kept whole."""
+    crop_h = int(rng.integers(min(height, crop_size[0]), min(height, crop_size[1]) + 1))
+    crop_w = int(rng.integers(min(width, crop_size[0]), min(width, crop_size[1]) + 1))
+    return int(rng.integers(0, width - crop_w + 1)), int(rng.integers(0, height - crop_h + 1)), crop_w, crop_h
 
 
 def train_augment(
@@ -85,17 +115,13 @@ def train_augment(
     crop_size: tuple[int, int] = (384, 600),
 ) -> dict:
     """The paper's training augmentation: flip, with probability crop_prob a crop (resize the short side to one
-    of crop_resize_sides, cut a random window of crop_size), then the multi-scale resize."""
+    of crop_resize_sides, cut a random `crop_window`), then the multi-scale resize."""
     if rng.random() < flip_prob:
         sample = hflip(sample, flip_index)
     if rng.random() < crop_prob:
         sample = resize(sample, int(rng.choice(crop_resize_sides)), 1 << 30)
         height, width = sample["image"].shape[:2]
-        crop_h = min(height, int(rng.integers(crop_size[0], crop_size[1] + 1)))
-        crop_w = min(width, int(rng.integers(crop_size[0], crop_size[1] + 1)))
-        y0 = int(rng.integers(0, height - crop_h + 1))
-        x0 = int(rng.integers(0, width - crop_w + 1))
-        sample = crop(sample, x0, y0, crop_w, crop_h)
+        sample = crop(sample, *crop_window(height, width, crop_size, rng))
     return resize(sample, int(rng.choice(short_sides)), max_size)
 
 

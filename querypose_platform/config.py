@@ -91,7 +91,7 @@ class TrainConfig:
     lr_steps: list[int] = field(default_factory=lambda: [110_000, 130_000])
     lr_gamma: float = 0.1
     clip_grad: float = 1.0
-    amp: bool = True  # bf16 autocast on GPU; CPU always runs float32
+    amp: bool = False  # bf16 autocast (GPU or CPU); the paper trains in float32
     log_every: int = 20
     checkpoint_every: int = 5000
     eval_every: int = 10_000
@@ -200,6 +200,16 @@ class ExperimentConfig:
             except ConfigError as error:
                 raise ConfigError(f"tune cell {i} {cell}: {error}") from None
 
+    def check_trainable(self) -> None:
+        """What training needs beyond a valid config: on real data, the pretrained backbone weights the paper starts
+        from, or an explicit 'none'. Called by the training entry points before any Ray work starts."""
+        if self.data.synthetic is None and self.model.backbone_weights is None:
+            raise ConfigError(
+                "model.backbone_weights: a config for real data must name the pretrained backbone weights (a timm "
+                "hub name such as timm/resnet50.tv_in1k, a local file, or an s3:// / gs:// URI), as the paper "
+                "starts from ImageNet weights; say 'none' to train from random init on purpose"
+            )
+
     @property
     def per_worker_batch_size(self) -> int:
         return self.train.batch_size // self.scaling.num_workers
@@ -240,20 +250,21 @@ def apply_overrides(data: dict[str, Any], overrides: list[str] | tuple[str, ...]
     return data
 
 
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        loaded = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        raise ConfigError(f"config file {path}: not valid YAML: {error}") from None
+    if loaded is not None and not isinstance(loaded, dict):
+        raise ConfigError(f"config file {path}: expected a mapping of sections at the top level")
+    return loaded or {}
+
+
 def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:
     """Load and validate an experiment YAML (None = all defaults), then apply dotted overrides."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        try:
-            loaded = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as error:
-            raise ConfigError(f"config file {path}: not valid YAML: {error}") from None
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(f"config file {path}: expected a mapping of sections at the top level")
-        data = loaded or {}
+    data = _read_yaml(Path(path)) if path is not None else {}
     apply_overrides(data, overrides)
     _fill_local_outputs(data)
     return ExperimentConfig.from_dict(data)

@@ -12,7 +12,7 @@ import torch
 from ray.data.collate_fn import NumpyBatchCollateFn
 
 from querypose.keypoints import get_spec
-from querypose.transforms import collate, test_resize, train_augment
+from querypose.transforms import collate, has_people, people_arrays, test_resize, train_augment
 from querypose_platform.config import ExperimentConfig
 from querypose_platform.shards import shard_files
 
@@ -44,21 +44,21 @@ def _sample(row_id: int, encoded: bytes, people, num_keypoints: int) -> dict | N
     image = cv2.imdecode(np.frombuffer(encoded, np.uint8), cv2.IMREAD_COLOR) if encoded is not None else None
     if image is None:
         return None
-    persons = [p for p in people if not p["iscrowd"]]
-    boxes = np.array([p["bbox"] for p in persons], np.float32).reshape(-1, 4)
-    boxes[:, 2:] += boxes[:, :2]  # xywh -> xyxy
-    keypoints = np.array([p["keypoints"] for p in persons], np.float32).reshape(-1, num_keypoints, 3)
+    boxes, keypoints = people_arrays(people, num_keypoints)
     return {"image_id": row_id, "image": cv2.cvtColor(image, cv2.COLOR_BGR2RGB), "boxes": boxes, "keypoints": keypoints}
 
 
 def _decode_and_transform(
     rows: dict[str, np.ndarray], cfg: ExperimentConfig, train: bool, epoch: int
 ) -> dict[str, np.ndarray]:
-    """numpy batch of shard rows -> numpy batch of model-ready samples; undecodable rows come out invalid."""
+    """numpy batch of shard rows -> numpy batch of model-ready samples; undecodable rows come out invalid. Training
+    leaves out images without a non-crowd person before decoding them (the manifest counts them)."""
     spec = get_spec(cfg.model.dataset)
     data = cfg.data
     out: dict[str, list] = {"image_id": [], "image": [], "boxes": [], "keypoints": [], "scale": [], "valid": []}
     for image_id, encoded, people in zip(rows["image_id"], rows["image"], rows["people"], strict=True):
+        if train and not has_people(people):
+            continue
         sample = _sample(int(image_id), encoded, people, spec.num_keypoints)
         if sample is None:
             sample = {"image": np.zeros((0, 0, 3), np.uint8), "boxes": np.zeros((0, 4), np.float32),

@@ -21,6 +21,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from querypose.keypoints import get_spec
+from querypose.transforms import has_people
 from querypose_platform.config import ExperimentConfig, SyntheticConfig
 
 MANIFEST = "manifest.json"
@@ -223,7 +224,7 @@ def _write_shards(fs, staging, content, people, images: Path, dataset: str, shar
     shards: list[dict] = []
     skipped_images: list[dict] = []
     rows: list[dict] = []
-    size = num_images = num_people = 0
+    size = num_images = num_people = num_without_people = 0
 
     def flush() -> None:
         nonlocal rows, size
@@ -267,6 +268,7 @@ def _write_shards(fs, staging, content, people, images: Path, dataset: str, shar
         )
         num_images += 1
         num_people += len(annotations)
+        num_without_people += not has_people(annotations)
         size += len(data)
         if size >= limit:
             flush()
@@ -279,6 +281,8 @@ def _write_shards(fs, staging, content, people, images: Path, dataset: str, shar
         "keypoints": {"spec": dataset, "num_keypoints": spec.num_keypoints, "names": list(spec.keypoint_names)},
         "num_images": num_images,
         "num_people": num_people,
+        # Images without a non-crowd person: kept for validation, left out of training (data.py).
+        "num_images_without_people": num_without_people,
         "shards": shards,
         "skipped_images": skipped_images,
     }

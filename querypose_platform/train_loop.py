@@ -9,6 +9,7 @@ talks to MLflow. A retried or resumed attempt restores model, optimiser, schedul
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -65,7 +66,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     )
     start_iteration, latest_eval = restore(ray.train.get_checkpoint(), model, optimizer, scheduler)
     model = ray.train.torch.prepare_model(model)
-    autocast = torch.bfloat16 if cfg.train.amp and device.type == "cuda" else None
+    autocast = torch.bfloat16 if cfg.train.amp else None
 
     logger = RunLogger(cfg.tracking, run_id) if rank == 0 else None
     monitor = start_system_metrics(cfg, run_id, resumed=start_iteration > 0) if rank == 0 else None
@@ -168,16 +169,17 @@ def report(iteration, metrics, latest_eval, model, optimizer, scheduler, cfg, ru
 
 
 def endless_batches(shard, batch_size: int, collate, seed: int) -> Iterator:
-    """Batches from the worker's shard of the train stream, starting a new pass whenever one ends."""
+    """Batches from the worker's shard of the train stream, starting a new pass whenever one ends; each pass
+    shuffles its local buffer with a seed of its own."""
     undecodable = 0  # rows dropped from batches that had no valid image left: counted with the next batch
-    while True:
+    for shuffle_pass in itertools.count():
         produced = False
         for batch in shard.iter_torch_batches(
             batch_size=batch_size,
             collate_fn=collate,
             drop_last=True,
             local_shuffle_buffer_size=4 * batch_size,
-            local_shuffle_seed=seed,
+            local_shuffle_seed=seed + shuffle_pass,
         ):
             if len(batch.image_ids) == 0:
                 undecodable += batch.dropped

@@ -36,12 +36,23 @@ def build_datasets(cfg: ExperimentConfig) -> dict[str, ray.data.Dataset]:
     ray.data.DataContext.get_current().enable_progress_bars = sys.stdout.isatty()
     train_uri = cfg.data.split_uri(cfg.data.train_split)
     val_uri = cfg.data.split_uri(cfg.data.val_split)
-    num_images = read_manifest(train_uri)["num_images"]
+    num_images = training_image_counts(read_manifest(train_uri))["data.train_images"]
     datasets = {"train": build_dataset(train_uri, cfg, train=True, epochs=epochs_for(cfg, num_images))}
     workers = cfg.scaling.num_workers
     for rank in range(workers):
         datasets[val_dataset_name(rank)] = build_dataset(val_uri, cfg, train=False, part=(rank, workers))
     return datasets
+
+
+def training_image_counts(manifest: dict[str, Any]) -> dict[str, int]:
+    """Images the train stream yields and those it leaves out for having no non-crowd person (MLflow params)."""
+    without_people = manifest.get("num_images_without_people")
+    if without_people is None:  # a shard set converted before the count existed
+        return {"data.train_images": manifest["num_images"]}
+    return {
+        "data.train_images": manifest["num_images"] - without_people,
+        "data.train_images_without_people_left_out": without_people,
+    }
 
 
 def build_trainer(
@@ -81,6 +92,7 @@ def fit(
 ) -> TrainOutcome:
     """Prepare data (the synthetic default is generated on first use), open or reopen the MLflow run, fit, and
     close the run as FINISHED, or FAILED with the error."""
+    cfg.check_trainable()
     if cfg.data.synthetic is not None:
         ensure_synthetic_shards(cfg)
     warn_if_no_cpu_for_data(cfg, reserved=cfg.tune.trial_cpus if parent_run_id else 0.0)
@@ -88,7 +100,10 @@ def fit(
         cfg.tracking,
         run_key or default_run_key(cfg),
         cfg.run.name,
-        params=flatten(cfg.to_dict()),
+        params={
+            **flatten(cfg.to_dict()),
+            **training_image_counts(read_manifest(cfg.data.split_uri(cfg.data.train_split))),
+        },
         tags=tags,
         parent_run_id=parent_run_id,
     )

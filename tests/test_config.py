@@ -125,7 +125,24 @@ def test_missing_and_malformed_files(tmp_path):
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
 def test_shipped_configs_load(path):
-    load_config(path)
+    cfg = load_config(path)
+    cfg.check_trainable()
+    # every config for real data names the weights the paper starts from; the synthetic ones train from scratch
+    assert (cfg.data.synthetic is None) == cfg.model.has_backbone_weights
+
+
+def test_training_on_real_data_needs_backbone_weights_or_an_explicit_none():
+    with pytest.raises(ConfigError, match="model.backbone_weights: a config for real data must name"):
+        load_config(None, ["data.root=s3://bucket/coco"]).check_trainable()
+    for weights in ("timm/resnet50.tv_in1k", "none"):
+        load_config(None, [f"model.backbone_weights={weights}"]).check_trainable()
+    synthetic = load_config(None, ["data.synthetic={train_images: 4}"])
+    synthetic.check_trainable()
+    assert synthetic.model.resolved_backbone_norm == "group_norm"
+    result = subprocess.run(
+        [sys.executable, "experiments/train.py", "data.root=s3://bucket/coco"], capture_output=True, text=True, cwd=REPO
+    )
+    assert result.returncode == 2 and "model.backbone_weights: a config for real data" in result.stderr
 
 
 def test_bad_config_fails_before_anything_heavy_is_imported():

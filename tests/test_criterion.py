@@ -1,5 +1,6 @@
 """SetCriterion: named terms per stage, weighting, normaliser, masking, and good predictions scoring lower."""
 
+import math
 import socket
 
 import pytest
@@ -115,10 +116,11 @@ def test_unlabelled_and_out_of_box_keypoints_carry_no_gradient():
 def test_normaliser_is_the_number_of_people_and_at_least_one():
     targets = make_targets()
     outputs = make_outputs(targets, num_stages=1, box_noise=2.0, mu_noise=0.1)
-    full = SetCriterion()(outputs, targets, SIZES, RealNVP())
+    flow = RealNVP()
+    full = SetCriterion()(outputs, targets, SIZES, flow)
     # Same matched pairs, but one more (unmatched) person in image 1: every term is divided by 4 instead of 3.
     extra = [targets[0], {k: torch.cat([v, v]) for k, v in targets[1].items()}]
-    more = SetCriterion()(outputs, extra, SIZES, RealNVP())
+    more = SetCriterion()(outputs, extra, SIZES, flow)
     for name in ("loss_l1_s0", "loss_giou_s0", "loss_rle_s0", "loss_cls_s0"):
         assert more[name].item() == pytest.approx(full[name].item() * 3 / 4, rel=1e-5)
     assert float(SetCriterion.num_people([{"boxes": torch.zeros(0, 4)}], torch.device("cpu"))) == 1.0
@@ -159,3 +161,42 @@ def test_normaliser_is_averaged_over_workers():
     queue = context.SimpleQueue()
     mp.start_processes(_count_people, args=(2, port, queue), nprocs=2, start_method="spawn")
     assert sorted(queue.get() for _ in range(2)) == [(0, 2.0), (1, 2.0)]
+
+
+def test_rle_term_is_the_authors_formula_per_keypoint():
+    """Two matched people with masked keypoints (unlabelled, and outside the predicted box): loss_rle equals the
+    authors' loss.py written out by hand, summed over used coordinates and divided by num_boxes * K."""
+    targets = make_targets()
+    targets[1]["keypoints"][0, 5, :2] = torch.tensor([5.0, 5.0])  # labelled but outside its predicted box
+    outputs = make_outputs(targets, num_stages=1, box_noise=1.0, mu_noise=0.2, sigma=0.3)
+    stage = outputs["stages"][0]
+    indices = [(torch.tensor([3]), torch.tensor([0])), (torch.tensor([0]), torch.tensor([0]))]  # two people
+    keep = torch.tensor([1, 2])  # rows of the two matches in the stage's matched order
+    stage.update(
+        indices=indices,
+        keypoint_mu=stage["keypoint_mu"][keep],
+        keypoint_sigma=stage["keypoint_sigma"][keep],
+        keypoint_boxes=stage["keypoint_boxes"][keep],
+    )
+    flow = RealNVP()
+    got = SetCriterion()(outputs, targets, SIZES, flow)["loss_rle_s0"]
+
+    gt = torch.stack([targets[0]["keypoints"][0], targets[1]["keypoints"][0]])  # (2, K, 3)
+    boxes = stage["keypoint_boxes"]
+    mu, sigma = stage["keypoint_mu"].detach(), stage["keypoint_sigma"].detach()
+    expected = 0.0
+    for i in range(2):
+        x1, y1, x2, y2 = boxes[i].tolist()
+        for k in range(K):
+            x, y, v = gt[i, k].tolist()
+            if v == 0 or not (x1 <= x <= x2 and y1 <= y <= y2):
+                continue
+            target = ((x - x1) / (x2 - x1) - 0.5, (y - y1) / (y2 - y1) - 0.5)
+            bar = ((mu[i, k] - torch.tensor(target)) / sigma[i, k])[None]
+            log_phi = float(flow.log_prob(bar).detach()[0])
+            for c in range(2):
+                s, m = float(sigma[i, k, c]), float(mu[i, k, c])
+                expected += math.log(s) - log_phi  # nf_loss, one log-density charged to each coordinate
+                expected += math.log(s * math.sqrt(2 * math.pi)) + abs(target[c] - m) / (math.sqrt(2) * s + 1e-9)
+    num_people = 3  # every person in the batch, matched or not
+    assert got.item() == pytest.approx(expected / (num_people * K), rel=1e-5)

@@ -14,7 +14,8 @@ import torch
 
 from querypose_platform.config import load_config
 from querypose_platform.data import BatchCollator, _object_array, build_dataset, collate_batch
-from querypose_platform.shards import MANIFEST, ensure_synthetic_shards, read_manifest, shard_files
+from querypose_platform.shards import MANIFEST, convert, ensure_synthetic_shards, read_manifest, shard_files
+from querypose_platform.trainer import training_image_counts
 
 SETTINGS = [
     "data.synthetic={train_images: 6, val_images: 3, image_size: 96}", "data.train_short_sides=[64, 80, 96]",
@@ -103,6 +104,29 @@ def test_a_row_that_does_not_decode_is_dropped_and_counted(ray_local, data_root,
     assert sum(batch.dropped for batch in batches) == 1
     kept = torch.cat([batch.image_ids for batch in batches]).tolist()
     assert sorted(kept) == sorted(set(table["image_id"].to_pylist()) - {table["image_id"][1].as_py()})
+
+
+def test_training_leaves_out_images_without_people_and_validation_keeps_them(ray_local, data_root, tmp_path):
+    """As the authors (FILTER_EMPTY_ANNOTATIONS): an image whose only annotation is a crowd region, or that has
+    none, is never a training sample; validation scores every image; the manifest and MLflow params count them."""
+    raw = next((data_root.parent / "raw").glob("coco_train_*"))
+    content = json.loads((raw / "annotations.json").read_text())
+    ids = [image["id"] for image in content["images"]]
+    content["annotations"] = [a for a in content["annotations"] if a["image_id"] != ids[0]]  # no annotation
+    for annotation in content["annotations"]:
+        if annotation["image_id"] == ids[1]:
+            annotation["iscrowd"] = 1  # a crowd region only
+    (tmp_path / "annotations.json").write_text(json.dumps(content))
+    uri = str(tmp_path / "shards" / "train")
+    manifest = convert("coco", tmp_path / "annotations.json", raw / "images", uri)
+    assert manifest["num_images"] == 6 and manifest["num_images_without_people"] == 2
+    assert training_image_counts(manifest) == {"data.train_images": 4, "data.train_images_without_people_left_out": 2}
+
+    cfg = config(data_root)
+    trained = {int(row["image_id"]) for row in build_dataset(uri, cfg, train=True, epochs=2).take_all()}
+    assert trained == set(ids[2:])
+    validated = {int(row["image_id"]) for row in build_dataset(uri, cfg, train=False).take_all()}
+    assert validated == set(ids)
 
 
 def test_collate_pads_to_a_multiple_of_32_and_keeps_targets():

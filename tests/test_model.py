@@ -1,4 +1,5 @@
 import dataclasses
+import math
 
 import pytest
 import torch
@@ -6,9 +7,13 @@ from torch import nn
 
 from querypose import ModelConfig, build_model
 from querypose.attention import MultiHeadAttention
+from querypose.criterion import SetCriterion
+from querypose.engine import train_step
+from querypose.interactions import DynamicConv
 from querypose.keypoint_decoder import NormLinear, PartHeads
 from querypose.keypoints import COCO, CROWDPOSE, PART_SCHEMES
 from querypose.model import decode_keypoints, encode_keypoints
+from querypose.optim import build_optimizer, build_scheduler
 from querypose.spegm import SPEGM
 
 TINY = ModelConfig(
@@ -58,15 +63,32 @@ VARIANTS = [
     {"num_stages": 3},
     {"keypoint_cost": 1.0},
     {"keypoint_training_queries": "all"},
+    {"aux_heatmap": True},
 ]
 
 
 @pytest.mark.parametrize("change", VARIANTS, ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()) or "default")
 def test_every_variant_trains_and_predicts(change):
+    """Every ablation variant: a real training step under CPU bf16 autocast (train.amp), the outputs' shapes, and
+    prediction."""
     cfg = dataclasses.replace(TINY, **change)
     model = build_model(cfg)
+    for stage in model.box_stages:  # boxes stay the whole image: every keypoint lies inside and trains the poses
+        nn.init.zeros_(stage.bbox_deltas.weight)
+        nn.init.zeros_(stage.bbox_deltas.bias)
     num_keypoints = 17 if cfg.dataset == "coco" else 14
     images, image_sizes, targets = _batch(num_keypoints)
+    optimizer = build_optimizer(model, 1e-4, 1e-4)
+    before = {n: p.detach().clone() for n, p in model.keypoint_stages[-1].named_parameters()}
+    terms = train_step(
+        model, SetCriterion.from_config(cfg), optimizer, build_scheduler(optimizer, warmup_iters=0), images,
+        image_sizes, targets, autocast_dtype=torch.bfloat16,
+    )  # fmt: skip
+    assert math.isfinite(terms["loss"]) and terms["grad_norm"] > 0
+    assert ("loss_aux_heatmap" in terms) == cfg.aux_heatmap
+    moved = [n for n, p in model.keypoint_stages[-1].named_parameters() if not torch.equal(p, before[n])]
+    assert moved, "the last keypoint stage did not train"
+
     outputs = model(images, image_sizes, targets)
     assert len(outputs["stages"]) == cfg.num_stages
     loss = 0.0
@@ -242,25 +264,6 @@ def test_random_init_resnet_trains_every_block():
     assert trainable and [n for n, p in trainable if p.grad is None or not p.grad.abs().sum()] == []
 
 
-def test_backbone_weights_file(tmp_path):
-    model = build_model(dataclasses.replace(TINY, backbone_norm="frozen_bn"))
-    path = tmp_path / "backbone.pth"
-    torch.save(model.backbone.body.state_dict(), path)
-    loaded = build_model(dataclasses.replace(TINY, backbone_weights=str(path)))
-    for (name, a), (_, b) in zip(
-        model.backbone.body.state_dict().items(), loaded.backbone.body.state_dict().items(), strict=True
-    ):
-        torch.testing.assert_close(a, b, msg=name)
-    torch.save({"conv1.weight": torch.zeros(1)}, tmp_path / "bad.pth")
-    with pytest.raises(ValueError, match="bad.pth does not match the backbone: missing"):
-        build_model(dataclasses.replace(TINY, backbone_weights=str(tmp_path / "bad.pth")))
-    (tmp_path / "junk.pth").write_text("not a checkpoint")
-    with pytest.raises(ValueError, match="junk.pth could not be loaded"):
-        build_model(dataclasses.replace(TINY, backbone_weights=str(tmp_path / "junk.pth")))
-    with pytest.raises(FileNotFoundError, match="missing.pth"):
-        build_model(dataclasses.replace(TINY, backbone_weights=str(tmp_path / "missing.pth")))
-
-
 def test_fused_attention_matches_torch_multihead_attention():
     """MultiHeadAttention loads nn.MultiheadAttention's state dict and gives its outputs and input gradients,
     through scaled_dot_product_attention and through the explicit softmax path."""
@@ -309,7 +312,9 @@ def test_inference_options_keep_outputs(options):
     for a, b in zip(plain, fast, strict=True):
         assert a.keys() == b.keys() == {"boxes", "keypoints", "scores", "attention"}
         for name in a:
-            torch.testing.assert_close(b[name], a[name], atol=1e-3, rtol=1e-4, msg=name)
+            # boxes and keypoints are pixels, up to ~1000 on this untrained model: 0.01 px of float noise
+            atol = 1e-2 if name in ("boxes", "keypoints") else 1e-3
+            torch.testing.assert_close(b[name], a[name], atol=atol, rtol=1e-4, msg=name)
     # the training forward accepts the same settings (SDPA's backward, NHWC gradients)
     _, _, targets = _batch()
     outputs = model.train()(images, image_sizes, targets)
@@ -335,10 +340,98 @@ def test_inference_runs_only_keypoint_stages_whose_state_is_read():
     for a, b in zip(skipped, every, strict=True):
         for name in a:
             torch.testing.assert_close(a[name], b[name], msg=name)
-    # state that later stages read keeps every stage running
-    for change in (
-        {},
-        {"instance_pipeline": "box_only"},
-        {"instance_pipeline": "box_only", "iteration": "none", "interaction": "mhsa"},
-    ):
+    # state that later stages read keeps every stage running; without iteration no part state is carried, token
+    # interactions included
+    for change in ({}, {"instance_pipeline": "box_only"}, {"iteration": "none"}):
         assert build_model(dataclasses.replace(TINY, **change)).keypoint_stages_carry_state, change
+    mhsa = dataclasses.replace(TINY, instance_pipeline="box_only", iteration="none", interaction="mhsa")
+    assert not build_model(mhsa).keypoint_stages_carry_state
+
+
+def _xavier_bound(weight: torch.Tensor) -> float:
+    fan_in, fan_out = nn.init._calculate_fan_in_and_fan_out(weight)
+    return math.sqrt(6.0 / (fan_in + fan_out))
+
+
+# Weights that hold one small layer per part (rows in part order): each block has its own xavier bound.
+PER_PART_BLOCKS = {"instance_to_parts.weight": "part_dim", "heads.mu_weight": "part", "heads.sigma_weight": "part"}
+
+
+def test_decoder_weights_start_xavier_uniform_as_the_authors_reset_leaves_them():
+    """The authors' decoder runs xavier_uniform_ over every >= 2-D weight of all box and keypoint stages; here each
+    layer is built that way. Every such weight lies within its xavier bound and fills it (a default kaiming init
+    has bound 1/sqrt(fan_in), which differs for every layer here)."""
+    cfg = dataclasses.replace(TINY, hidden_dim=64, part_dim=32, tower_channels=64)
+    model = build_model(cfg)
+    parts = COCO.parts(cfg.part_scheme)
+    checked = 0
+    for stages in (model.box_stages, model.keypoint_stages):
+        for name, weight in stages.named_parameters():
+            if weight.dim() < 2:
+                continue
+            suffix = name.split(".", 1)[1]  # without the stage index
+            if suffix in PER_PART_BLOCKS:
+                rows = (
+                    [cfg.part_dim] * len(parts)
+                    if PER_PART_BLOCKS[suffix] == "part_dim"
+                    else [2 * len(p) for p in parts]
+                )
+                blocks = weight.detach().split(rows)
+            else:
+                blocks = [weight.detach()]
+            for block in blocks:
+                bound = _xavier_bound(block)
+                assert block.abs().max() <= bound * (1 + 1e-6), name
+                if block.numel() >= 256:  # a uniform sample this large reaches close to its bound
+                    assert block.abs().max() >= 0.9 * bound, name
+                    assert block.std().item() == pytest.approx(bound / math.sqrt(3), rel=0.15), name
+            checked += 1
+    assert checked > 40
+    # the box classifier's focal prior; the RoI towers' biases at zero (MSRA-fill's, which the reset keeps)
+    assert torch.allclose(model.box_stages[0].cls_logits.bias, torch.tensor(-math.log(99.0)))
+    assert all(layer.bias.abs().sum() == 0 for layer in model.keypoint_stages[0].tower if isinstance(layer, nn.Conv2d))
+    # outside the decoder: the flow keeps Linear's own init (the authors never call its small-gain _init)
+    flow_layer = model.flow.scale_nets[0][2]
+    assert flow_layer.weight.abs().max() <= 64**-0.5 and flow_layer.weight.abs().max() > 0.9 * 64**-0.5
+
+
+def test_without_iteration_no_part_state_crosses_stages():
+    """iteration=none: every keypoint stage starts from Q_P^0 (token interactions too), so the part queries a stage
+    receives are the learnt initial ones whatever the previous stage computed."""
+    for interaction in ("spegm", "mhsa", "dymlp_channel"):
+        cfg = dataclasses.replace(TINY, iteration="none", interaction=interaction, num_stages=3)
+        model = build_model(cfg)
+        received = []
+        for stage in model.keypoint_stages:
+            stage.register_forward_hook(lambda module, args, output, into=received: into.append(args[4].detach()))
+        images, image_sizes, targets = _batch()
+        model(images, image_sizes, targets)
+        initial = model.init_part_queries.weight.detach()
+        assert len(received) == 3
+        for parts in received:
+            torch.testing.assert_close(parts, initial.expand_as(parts))
+    iterated = build_model(dataclasses.replace(TINY, iteration="sum", num_stages=2))
+    assert iterated.carries_part_state and not build_model(cfg).carries_part_state
+
+
+def test_instance_rows_have_one_interaction_branch():
+    """Table 1's instance rows: the row's interaction is the instance branch itself (one DyMLP-channel for the
+    DyMLP-channel row), and spatial attention pools the RoI with one SPEGM-style map."""
+
+    def stage_of(interaction):
+        cfg = dataclasses.replace(TINY, query_type="instance", iteration="none", interaction=interaction)
+        return build_model(cfg).keypoint_stages[0]
+
+    assert sum(isinstance(m, DynamicConv) for m in stage_of("dymlp_channel").modules()) == 1
+    assert not any(isinstance(m, DynamicConv) for m in stage_of("mhsa").modules())
+    stage = stage_of("spatial_attention")
+    spegms = [m for m in stage.modules() if isinstance(m, SPEGM)]
+    assert len(spegms) == 1 and spegms[0].attention.out_channels == 1
+    # the part model keeps the serial pipeline's DyMLP-channel instance branch
+    assert sum(isinstance(m, DynamicConv) for m in build_model(TINY).keypoint_stages[0].modules()) == 1
+
+
+@pytest.mark.parametrize("part_dim", [32, 64, 128, 256])
+def test_sim_hidden_width_is_a_quarter_of_the_part_dim(part_dim):
+    sim = build_model(dataclasses.replace(TINY, part_dim=part_dim, num_stages=1)).keypoint_stages[0].sim
+    assert sim.reduce.out_features == part_dim // 4 and sim.expand.out_features == 2 * part_dim

@@ -58,12 +58,11 @@ def detection_loss(terms: dict[str, float]) -> float:
 
 def check_learned(history: list[dict], predictions: list[dict], samples: list[dict], min_oks: float) -> None:
     first, last = history[0], history[-1]
-    # The total falls from ~+100 to below zero (RLE is a log-likelihood), so test its parts: the detection
-    # losses must fall 5x, and the last stage's RLE must gain at least 20 nats per person.
+    # RLE is a log-likelihood that goes below zero, so test the parts: the detection losses must fall 5x, and the
+    # last stage's RLE (a mean per keypoint) must gain at least 3 nats per keypoint.
     assert detection_loss(last) < detection_loss(first) / 5, (first, last)
-    assert last["loss"] < first["loss"] / 5
     stage = len([k for k in last if k.startswith("loss_rle_s")]) - 1
-    assert last[f"loss_rle_s{stage}"] < first[f"loss_rle_s{stage}"] - 20, (first, last)
+    assert last[f"loss_rle_s{stage}"] < first[f"loss_rle_s{stage}"] - 3, (first, last)
     sigmas = torch.tensor(COCO.sigmas)
     for sample, predicted in zip(samples, predictions, strict=True):
         target = {k: torch.from_numpy(sample[k]) for k in ("boxes", "keypoints")}

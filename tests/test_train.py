@@ -23,7 +23,7 @@ TINY = [
     "model.num_queries=6", "model.num_stages=2", "model.test_short_side=96", "model.test_max_size=128",
     "data.train_short_sides=[96]", "data.train_max_size=128", "data.crop_resize_sides=[96]",
     "data.crop_size=[64,96]", "train.lr=1e-3", "train.warmup_iters=2", "train.lr_steps=[]", "train.log_every=1",
-    "tracking.system_metrics=false",
+    "tracking.system_metrics=false", "model.backbone_weights=none",
 ]  # fmt: skip
 
 

@@ -120,3 +120,35 @@ def test_pad_batch_pads_to_a_multiple_of_32():
     batch, sizes = T.pad_batch([torch.ones(3, 40, 50), torch.ones(3, 20, 70)])
     assert batch.shape == (2, 3, 64, 96) and sizes.tolist() == [[40, 50], [20, 70]]
     assert float(batch[1, :, 20:].abs().sum()) == 0.0
+
+
+def test_pixel_centre_convention_makes_a_flip_exact_and_export_restores_coco_values():
+    """COCO keypoints are pixel indices: loading adds 0.5, so mirroring a keypoint on pixel column i of a W-wide
+    image lands it on column W - 1 - i, and exporting subtracts the 0.5 again (detectron2's convention)."""
+    from querypose.engine import to_coco_results
+
+    width = 10
+    annotations = [
+        {"bbox": [1, 2, 5, 6], "keypoints": [2, 3, 2] + [0, 0, 0] * 16, "iscrowd": 0},
+        {"bbox": [0, 0, 10, 10], "keypoints": [4, 4, 2] * 17, "iscrowd": 1},  # a crowd region: not a person
+    ]
+    boxes, keypoints = T.people_arrays(annotations, 17)
+    assert boxes.tolist() == [[1, 2, 6, 8]] and keypoints.shape == (1, 17, 3)
+    assert keypoints[0, 0].tolist() == [2.5, 3.5, 2] and keypoints[0, 1].tolist() == [0, 0, 0]
+    image = np.zeros((10, width, 3), np.uint8)
+    flipped = T.hflip({"image": image, "boxes": boxes, "keypoints": keypoints}, COCO.flip_index)
+    exported = to_coco_results({"keypoints": torch.from_numpy(flipped["keypoints"]), "scores": torch.ones(1)}, 1)
+    assert exported[0]["keypoints"][:3] == [width - 1 - 2, 3, 2]  # column 2 mirrors to column 7
+    assert T.has_people(annotations) and not T.has_people(annotations[1:])
+
+
+def test_crop_sides_are_drawn_as_detectron2_absolute_range():
+    """RandomCrop("absolute_range", (lo, hi)) draws each side uniformly in [min(side, lo), min(side, hi)]: a side
+    shorter than lo is kept whole, one between lo and hi is cut to any size in [lo, side] (not clipped to it)."""
+    rng = np.random.default_rng(0)
+    windows = [T.crop_window(150, 60, (80, 200), rng) for _ in range(400)]
+    heights = [h for _, _, _, h in windows]
+    assert {w for _, _, w, _ in windows} == {60}
+    assert min(heights) == 80 and max(heights) == 150 and len(set(heights)) > 50
+    assert heights.count(150) < 20  # uniform over 71 sizes; min(side, U[lo, hi]) would give 150 about 40% of the time
+    assert all(x0 >= 0 and x0 + w <= 60 and y0 >= 0 and y0 + h <= 150 for x0, y0, w, h in windows)
