@@ -9,6 +9,7 @@ import glob
 import json
 import os
 import shlex
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -24,6 +25,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 CLUSTER = REPO_ROOT / "cluster"
 IMAGE_ROOT = "/home/ray/querypose"  # where cluster/Dockerfile puts the project
 sys.path.insert(0, str(REPO_ROOT / "experiments"))
+sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
 
 # Fields of the ray.io/v1 CRDs as KubeRay documents them (API reference, v1.x).
 RAYCLUSTER_SPEC = {"rayVersion", "enableInTreeAutoscaling", "autoscalerOptions", "headGroupSpec", "workerGroupSpecs",
@@ -103,6 +105,43 @@ def test_kuberay_rayjob_runs_a_grid_config_that_loads():
     assert (REPO_ROOT / Path(script).relative_to(IMAGE_ROOT)).is_file()
     cfg = load_config(REPO_ROOT / Path(config).relative_to(IMAGE_ROOT), overrides)
     assert cfg.tune.grid_cells() and cfg.data.root.startswith("s3://")
+
+
+# --- make gpu-check ------------------------------------------------------------------------------------------
+
+
+def test_gpu_check_skips_cleanly_without_a_cuda_device(tmp_path):
+    report = tmp_path / "gpu_check.json"
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}  # no device on any machine, this one included
+    result = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "benchmarks" / "gpu_check.py"), "--json", str(report)],
+        capture_output=True, text=True, env=env, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "gpu-check: skipped: no CUDA device" in result.stdout
+    content = json.loads(report.read_text())
+    assert content["ok"] is True and "no CUDA device" in content["skipped"] and content["steps"] == {}
+
+
+def test_gpu_check_fails_when_a_gpu_is_there_but_torch_cannot_use_it(tmp_path, monkeypatch):
+    import gpu_check
+    import torch
+
+    fake = tmp_path / "nvidia-smi"  # a GPU whose driver is too old for torch's CUDA
+    fake.write_text("#!/bin/sh\necho 'NVIDIA H100 80GB HBM3, 535.54.03, 81559 MiB'\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    reason, failed = gpu_check.why_no_cuda()
+    assert failed and "driver 535.54.03" in reason and f"CUDA {torch.version.cuda}" in reason
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert gpu_check.why_no_cuda() == ("no CUDA device (CUDA_VISIBLE_DEVICES='' hides every GPU)", False)
+
+
+def test_make_gpu_check_runs_the_script():
+    dry_run = subprocess.run(["make", "-n", "gpu-check"], cwd=REPO_ROOT, capture_output=True, text=True, check=True)
+    assert "benchmarks/gpu_check.py --json benchmarks/results/gpu_check.json" in dry_run.stdout
 
 
 class FakeAutoscalingCluster(AutoscalingCluster):
