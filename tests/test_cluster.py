@@ -5,13 +5,16 @@ shrinks it back when the grid is done."""
 from __future__ import annotations
 
 import copy
+import fnmatch
 import glob
 import json
 import os
+import re
 import shlex
 import subprocess
 import sys
 import time
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -24,6 +27,8 @@ from querypose_platform.config import load_config
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CLUSTER = REPO_ROOT / "cluster"
 IMAGE_ROOT = "/home/ray/querypose"  # where cluster/Dockerfile puts the project
+# The oldest Linux driver for each CUDA line of PyTorch's wheel indexes (NVIDIA's CUDA release notes).
+MIN_DRIVER = {"cu126": 560, "cu128": 570, "cu129": 575, "cu130": 580}
 sys.path.insert(0, str(REPO_ROOT / "experiments"))
 sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
 
@@ -105,6 +110,96 @@ def test_kuberay_rayjob_runs_a_grid_config_that_loads():
     assert (REPO_ROOT / Path(script).relative_to(IMAGE_ROOT)).is_file()
     cfg = load_config(REPO_ROOT / Path(config).relative_to(IMAGE_ROOT), overrides)
     assert cfg.tune.grid_cells() and cfg.data.root.startswith("s3://")
+
+
+# --- the image -----------------------------------------------------------------------------------------------
+
+
+def dockerfile() -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) of cluster/Dockerfile in order: comments dropped, continuation lines joined."""
+    instructions, pending = [], ""
+    for line in (CLUSTER / "Dockerfile").read_text().splitlines():
+        if not pending and (not line.strip() or line.lstrip().startswith("#")):
+            continue
+        if line.rstrip().endswith("\\"):
+            pending += line.rstrip()[:-1]
+            continue
+        keyword, _, arguments = (pending + line).strip().partition(" ")
+        instructions.append((keyword.upper(), arguments.strip()))
+        pending = ""
+    return instructions
+
+
+def pyproject() -> dict:
+    return tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]
+
+
+def pins() -> dict[str, str]:
+    return {dep.split("==")[0].split("[")[0]: dep.split("==")[1] for dep in pyproject()["dependencies"]}
+
+
+def test_dockerfile_builds_the_project_on_a_ray_gpu_image_with_one_cuda():
+    steps = dockerfile()
+    (cuda_default,) = [args.split("=", 1)[1] for keyword, args in steps if keyword == "ARG" and "=" in args]
+    (base,) = [args for keyword, args in steps if keyword == "FROM"]
+    assert re.fullmatch(r"cu\d{3}", cuda_default) and cuda_default in MIN_DRIVER
+    # Ray's own image of the pinned Ray, for the Python that pyproject.toml requires, in the chosen CUDA variant
+    assert base == f"rayproject/ray:{pins()['ray']}-py311-${{CUDA}}"
+    assert pyproject()["requires-python"] == ">=3.11,<3.12"
+    runs = [args for keyword, args in steps if keyword == "RUN"]
+    (deps,) = [run for run in runs if "pyproject.toml" in run]
+    # torch and torchvision from PyTorch's index for the same CUDA, checked after the install
+    assert "--index-url https://download.pytorch.org/whl/${CUDA}" in deps and "torch.version.cuda" in deps
+    assert ("COPY", "--chown=ray:users . .") in steps
+    assert any("pip install --no-cache-dir --no-deps -e ." in run for run in runs)
+    make_pin = re.search(r"^XTCOCOTOOLS := (\S+)$", (REPO_ROOT / "Makefile").read_text(), re.M).group(1)
+    assert any(f"--no-binary xtcocotools --no-build-isolation {make_pin}" in run for run in runs), "as make installs it"
+    assert ("WORKDIR", IMAGE_ROOT) in steps and ("ENV", "RAY_AUTH_MODE=token") in steps
+    assert [args for keyword, args in steps if keyword == "USER"][-1] == "ray", "Ray runs as the image's user"
+    # the driver that the default CUDA needs is what the docs promise
+    for doc in (CLUSTER / "Dockerfile",):
+        assert f"driver >= {MIN_DRIVER[cuda_default]}" in doc.read_text(), doc
+
+
+def test_dockerfile_installs_exactly_the_pins_of_pyproject(tmp_path):
+    """Run the Dockerfile's own pin-splitting code on pyproject.toml: torch/torchvision for PyTorch's index, the
+    rest for PyPI, every pin once."""
+    (deps,) = [args for keyword, args in dockerfile() if keyword == "RUN" and "pyproject.toml" in args]
+    code = re.search(r'python -c "(.*?)"', deps).group(1).replace("/tmp/", f"{tmp_path}/")
+    subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, check=True)
+    torch_pins = (tmp_path / "torch.txt").read_text().split()
+    other_pins = (tmp_path / "deps.txt").read_text().split()
+    assert torch_pins == [f"torch=={pins()['torch']}", f"torchvision=={pins()['torchvision']}"]
+    assert sorted(torch_pins + other_pins) == sorted(pyproject()["dependencies"])
+
+
+def dockerignored(path: str) -> bool:
+    """Whether `docker build` leaves `path` (relative to the context) out: the last .dockerignore pattern matching
+    it or a folder above it decides; `!pattern` takes a path back in."""
+    patterns = [line.strip() for line in (REPO_ROOT / ".dockerignore").read_text().splitlines()]
+    parts, excluded = path.split("/"), False
+    for pattern in [p for p in patterns if p and not p.startswith("#")]:
+        keep, glob_ = pattern.startswith("!"), pattern.lstrip("!").strip("/")
+        candidates = [glob_, glob_[3:]] if glob_.startswith("**/") else [glob_]
+        prefixes = ["/".join(parts[: i + 1]) for i in range(len(parts))]
+        if any(fnmatch.fnmatchcase(prefix, c) for prefix in prefixes for c in candidates):
+            excluded = not keep
+    return excluded
+
+
+def test_dockerignore_keeps_environments_data_and_runs_out_of_the_image():
+    for path in [".git/config", ".venv/lib/python3.11/site-packages/torch/__init__.py", "data/synthetic/x.parquet",
+                 "mlruns.db", "mlruns/0/meta.yaml", "mlartifacts/1/a.png", "ray_results/grid/state.json",
+                 "outputs/model.pt", "benchmarks/results/latency.json", "querypose/__pycache__/model.cpython-311.pyc"]:  # fmt: skip
+        assert dockerignored(path), path
+    # what the Dockerfile copies and installs stays in (README.md too: pyproject.toml names it as the readme)
+    kept = ["pyproject.toml", "README.md", "Makefile", "cluster/Dockerfile"] + [
+        str(path.relative_to(REPO_ROOT))
+        for package in ("querypose", "querypose_platform", "experiments", "benchmarks")
+        for path in (REPO_ROOT / package).rglob("*.py")
+        if "__pycache__" not in path.parts
+    ]
+    assert len(kept) > 30 and not [path for path in kept if dockerignored(path)]
 
 
 # --- make gpu-check ------------------------------------------------------------------------------------------
