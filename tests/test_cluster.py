@@ -169,7 +169,7 @@ def test_gcp_workers_carry_a_service_account():
         assert "https://www.googleapis.com/auth/cloud-platform" in account["scopes"], name
 
 
-@pytest.mark.parametrize("name", ["aws.yaml", "gcp.yaml"])
+@pytest.mark.parametrize("name", ["aws.yaml", "gcp.yaml", *KUBERAY])
 def test_data_tasks_start_cpu_workers_and_the_trainer_one_gpu_node(name):
     config = autoscaling_config(name)
     types = config["available_node_types"]
@@ -194,7 +194,7 @@ def test_vm_launchers_listen_on_all_interfaces_only_where_ray_must(name):
     assert starts and all("--dashboard-host=127.0.0.1" in command for command in starts)
 
 
-# --- KubeRay ---------------------------------------------------------------------------------------------------------
+# --- KubeRay -------------------------------------------------------------------------------------------------
 
 
 def _check_cluster_spec(spec: dict) -> None:
@@ -203,34 +203,63 @@ def _check_cluster_spec(spec: dict) -> None:
     assert set(spec["autoscalerOptions"]) <= AUTOSCALER_OPTIONS
     assert spec["autoscalerOptions"]["upscalingMode"] in {"Default", "Aggressive", "Conservative"}
     assert set(spec["headGroupSpec"]) <= HEAD_GROUP
-    pods = [spec["headGroupSpec"]["template"]]
     for group in spec["workerGroupSpecs"]:
         assert set(group) <= WORKER_GROUP, set(group) - WORKER_GROUP
         assert 0 <= group["minReplicas"] <= group["replicas"] <= group["maxReplicas"]
-        pods.append(group["template"])
     for params in [spec["headGroupSpec"]["rayStartParams"]] + [g["rayStartParams"] for g in spec["workerGroupSpecs"]]:
         assert all(isinstance(value, str) for value in params.values()), "rayStartParams values are strings"
-    for pod in pods:
+    images = set()
+    for pod in pods(spec):
         (container,) = pod["spec"]["containers"]
-        assert container["image"] and container["resources"]["limits"]
-        assert {"MLFLOW_TRACKING_URI", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN"} <= {e["name"] for e in container["env"]}
-    gpu = spec["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]["resources"]["limits"]
-    assert gpu["nvidia.com/gpu"] == "8" and spec["workerGroupSpecs"][0]["minReplicas"] == 0
+        assert container["resources"]["limits"] and "MLFLOW_TRACKING_URI" in {e["name"] for e in container["env"]}
+        images.add(container["image"])
+        # object-store credentials come from the pod's Kubernetes service account (workload identity)
+        assert pod["spec"]["serviceAccountName"].startswith("querypose-ray-")
+    (image,) = images
+    assert image.rsplit("/", 1)[-1] == IMAGE_NAME, "one image for every pod"
 
 
-def test_kuberay_raycluster_fields():
-    cluster = load("kuberay/raycluster.yaml")
-    assert cluster["apiVersion"] == "ray.io/v1" and cluster["kind"] == "RayCluster"
-    _check_cluster_spec(cluster["spec"])
+@pytest.mark.parametrize("name", KUBERAY)
+def test_kuberay_specs_use_documented_fields_and_convert_for_the_autoscaler(name):
+    _check_cluster_spec(kuberay_spec(name))
+    config = autoscaling_config(name)  # raises if Ray's autoscaler could not read the cluster
+    assert config["available_node_types"]["gpu8"]["resources"]["GPU"] == 8
 
 
-def test_kuberay_rayjob_runs_a_grid_config_that_loads():
+@pytest.mark.parametrize("name", KUBERAY)
+def test_kuberay_token_auth_reaches_every_component(name):
+    spec = kuberay_spec(name)
+    # KubeRay >= v1.6.0 reads the token from this Secret and sets RAY_AUTH_MODE and RAY_AUTH_TOKEN on the Ray
+    # container of every pod, the autoscaler sidecar, the workers' wait-gcs-ready init container and a RayJob's
+    # submitter. It leaves a variable a manifest already sets alone, so a hand-written one (RAY_AUTH_MODE=disabled,
+    # a literal token) would win: there is none.
+    assert spec["authOptions"] == {"mode": "token", "secretName": TOKEN_SECRET}
+    assert set(spec["authOptions"]) <= AUTH_OPTIONS
+    containers = [c for pod in pods(spec) for c in pod["spec"]["containers"] + pod["spec"].get("initContainers", [])]
+    for env in [c.get("env", []) for c in containers] + [spec["autoscalerOptions"].get("env", [])]:
+        assert not {"RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"} & {e["name"] for e in env}
+    if name.endswith("rayjob-ablation.yaml"):
+        job = load(name)["spec"]
+        assert job["submissionMode"] == "K8sJobMode" and "submitterPodTemplate" not in job  # the operator's submitter
+
+
+@pytest.mark.parametrize("name", KUBERAY)
+def test_kuberay_listens_on_the_pod_ip_only_for_the_dashboard_behind_a_cluster_internal_service(name):
+    # The head Service forwards to the pod's IP and the RayJob submitter reaches the job server through it, so the
+    # dashboard binds 0.0.0.0 there (KubeRay's default too); the Service stays ClusterIP and has no Ingress.
+    spec = kuberay_spec(name)
+    assert paths_holding(spec, "0.0.0.0") == ["headGroupSpec.rayStartParams.dashboard-host"]
+    head = spec["headGroupSpec"]
+    assert head.get("serviceType", "ClusterIP") == "ClusterIP" and not head.get("enableIngress", False)
+
+
+def test_kuberay_rayjob_runs_the_raycluster_spec_and_a_grid_config_that_loads():
     job = load("kuberay/rayjob-ablation.yaml")
     assert job["apiVersion"] == "ray.io/v1" and job["kind"] == "RayJob"
     spec = job["spec"]
     assert set(spec) <= RAYJOB_SPEC, set(spec) - RAYJOB_SPEC
     assert spec["submissionMode"] in SUBMISSION_MODES and spec["shutdownAfterJobFinishes"] is True
-    _check_cluster_spec(spec["rayClusterSpec"])
+    assert spec["rayClusterSpec"] == load("kuberay/raycluster.yaml")["spec"], "the job's cluster is raycluster.yaml's"
     # the entrypoint names a script and a config of this repository, and its overrides are valid
     python, script, flag, config, *overrides = shlex.split(spec["entrypoint"])
     assert python == "python" and flag == "--config"
@@ -309,7 +338,7 @@ def test_dockerfile_builds_the_project_on_a_ray_gpu_image_with_one_cuda():
     assert ("WORKDIR", IMAGE_ROOT) in steps and ("ENV", "RAY_AUTH_MODE=token") in steps
     assert [args for keyword, args in steps if keyword == "USER"][-1] == "ray", "Ray runs as the image's user"
     # the driver that the default CUDA needs is what the docs promise
-    for doc in (CLUSTER / "Dockerfile",):
+    for doc in (CLUSTER / "Dockerfile", CLUSTER / "README.md"):
         assert f"driver >= {MIN_DRIVER[cuda_default]}" in doc.read_text(), doc
 
 
