@@ -4,14 +4,15 @@ Steps, each timed, each through the project's own code:
   env      the GPUs, NVIDIA driver, torch's CUDA, cuDNN and NCCL versions, Ray
   latency  benchmarks/latency.py at short side 800 / max 1333: Keypoint R-CNN against QueryPose-R50 (plain and
            +opt), in fp32 and in bf16 autocast
-  memory   peak GPU memory per image: a training step of experiments/train_local.py's code at batch 2 (the paper's
-           per-GPU batch) on 800 x 800 images, fp32 and bf16, beside inference's from the latency runs (batch 1)
-  train    a few iterations of experiments/configs/coco_r50.yaml (R50, paper sizes) on synthetic 800 px images
-           through Ray Train (querypose_platform.trainer.fit), fp32 and bf16
+  memory   peak GPU memory per image: training steps of experiments/train_local.py's code at batch 2 (the paper's
+           per-GPU batch) at short side 800, fp32 and bf16, beside inference's from the latency runs (batch 1)
+  train    a few iterations of experiments/configs/coco_r50.yaml (R50, its multi-scale sizes up to 800) on
+           synthetic images of short side 800 through Ray Train (querypose_platform.trainer.fit), fp32 and bf16
   resume   that run again with its GPU worker SIGKILLed after a checkpoint (train.fail_at_iter): Ray Train restarts
            it, it resumes from the checkpoint and finishes into the same MLflow run
   scaling  benchmarks/scaling.py --gpu with 1 GPU and with all local GPUs
-Prints one table and writes one JSON (--json). About 6 minutes on one H100 (the budget is 10).
+Prints one table (with each step's seconds) and writes one JSON (--json). Sized to finish in under 10 minutes on
+one H100.
 
 Without a CUDA device there is nothing to check: it says why ("no CUDA device") and exits 0. A GPU that
 nvidia-smi sees but torch cannot use (a driver older than torch's CUDA needs) is a failure: exit 1, as is any
@@ -141,21 +142,15 @@ def step_env(profile: Profile, work: Path, device: str) -> tuple[dict, str]:
 
 
 def latency_images(profile: Profile, work: Path, count: int) -> Path:
-    """COCO-shaped (4:3) synthetic photos of people: at short side 800 they become 800 x 1066, like COCO's
-    640 x 480 images. The content only matters to Keypoint R-CNN (its keypoint head runs per detection)."""
-    import cv2
-
+    """Synthetic photos of people shaped like COCO's: short side 480, aspect 3:4 to 4:3, so the test-time resize
+    takes them to short side 800 as it does COCO's 640 x 480 images. The content matters to Keypoint R-CNN only
+    (its keypoint head runs per detection)."""
     from querypose.synthetic import write_synthetic_dataset
 
-    folder = work / f"latency_images_{profile.short_side}"
-    if len(list(folder.glob("*.jpg"))) >= count:
-        return folder
-    width = profile.short_side * 4 // 5  # 640 at the paper's size
-    raw = write_synthetic_dataset(work / "latency_raw", count, image_size=width, overwrite=True).parent / "images"
-    folder.mkdir(parents=True, exist_ok=True)
-    for path in sorted(raw.glob("*.jpg")):
-        cv2.imwrite(str(folder / path.name), cv2.resize(cv2.imread(str(path)), (width, width * 3 // 4)))
-    return folder
+    folder = work / f"latency_{count}x{profile.short_side * 3 // 5}"
+    if not (folder / "annotations.json").is_file():
+        write_synthetic_dataset(folder, count, image_size=profile.short_side * 3 // 5, seed=1, overwrite=True)
+    return folder / "images"
 
 
 def step_latency(profile: Profile, work: Path, device: str) -> tuple[dict, str]:
@@ -188,8 +183,9 @@ def step_latency(profile: Profile, work: Path, device: str) -> tuple[dict, str]:
 
 
 def step_memory(profile: Profile, work: Path, device: str) -> tuple[dict, str]:
-    """Peak memory of training steps in this process, with the training code of experiments/train_local.py: the
-    largest training size (short side 800 on square images, no crop) so the peak is the worst case."""
+    """Peak memory of training steps in this process, with the training code of experiments/train_local.py, at
+    the largest training size (short side 800, no crop; the synthetic images' long side is up to 4:3, like COCO's)
+    so the peak is the worst case of the paper's multi-scale training."""
     import numpy as np
     import torch
     from train_local import build_training, to_device, training_batches
@@ -238,7 +234,7 @@ def step_memory(profile: Profile, work: Path, device: str) -> tuple[dict, str]:
 
     train = ", ".join(f"{p} {mb(details[f'train_{p}']['peak_mb_per_image'])}" for p in ("fp32", "bf16"))
     hw = "x".join(map(str, details["train_fp32"]["image_hw"]))
-    summary = f"per image: train (batch {BATCH} of {hw}) {train}"
+    summary = f"per image: train (batch {BATCH} padded to {hw}) {train}"
     inference = [(p, details.get(f"inference_{p}", {}).get("querypose+opt")) for p in ("fp32", "bf16")]
     if any(value is not None for _, value in inference):
         summary += "; inference QueryPose+opt " + ", ".join(f"{p} {mb(value)}" for p, value in inference)
@@ -322,9 +318,12 @@ def step_resume(profile: Profile, work: Path, device: str, run: Path) -> tuple[d
     resumed = run_info.data.tags.get("querypose.resumed_from_iteration")
     steps = [step for step, _ in history(cfg, outcome.run_id, "train/loss")]
     details = {"killed_at": kill, "resumed_from": resumed, "finished_at": outcome.metrics.get("iteration"),
-               "logged_steps": steps, "status": run_info.info.status, "run_id": outcome.run_id}  # fmt: skip
-    if resumed != str(checkpoint) or outcome.metrics.get("iteration") != iters or steps != list(range(1, iters + 1)):
-        raise RuntimeError(f"kill and resume: {details}")
+               "logged_steps": steps, "mlflow_status": run_info.info.status, "run_id": outcome.run_id}  # fmt: skip
+    # the retry went on from the checkpoint (not from 0), logged each iteration once and closed the one run
+    expected = {"resumed_from": str(checkpoint), "finished_at": iters, "logged_steps": list(range(1, iters + 1)),
+                "mlflow_status": "FINISHED"}  # fmt: skip
+    if any(details[key] != value for key, value in expected.items()):
+        raise RuntimeError(f"kill and resume: expected {expected}, got {details}")
     return details, f"worker killed at iteration {kill}, resumed from {resumed}, finished at {iters}, one MLflow run"
 
 
@@ -378,7 +377,7 @@ def run_steps(names: list[str], profile: Profile, work: Path, device: str) -> di
         except Exception as error:  # noqa: BLE001 - reported in the table and the JSON; the next step still runs
             traceback.print_exc()
             details, summary, status = {"error": repr(error)}, f"{type(error).__name__}: {error}"[:300], "FAILED"
-        results[name] = {"status": status, "seconds": time.perf_counter() - start, "summary": summary, **details}
+        results[name] = {**details, "status": status, "seconds": time.perf_counter() - start, "summary": summary}
         print(f"=== gpu-check: {name} {status} in {results[name]['seconds']:.0f} s: {summary}", flush=True)
     return results
 
