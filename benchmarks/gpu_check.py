@@ -111,9 +111,11 @@ def why_no_cuda() -> tuple[str | None, bool]:
     if not gpus:
         return f"no CUDA device (nvidia-smi lists no GPU; torch {torch.__version__} sees none)", False
     cuda, driver = torch.version.cuda, gpus[0]["driver"]
-    need = f" (driver >= {MIN_DRIVER[cuda]})" if cuda in MIN_DRIVER else ""
+    built = (
+        f"for CUDA {cuda}" + (f" (driver >= {MIN_DRIVER[cuda]})" if cuda in MIN_DRIVER else "") if cuda else "CPU-only"
+    )
     return (f"nvidia-smi lists {len(gpus)} GPU(s) with driver {driver}, but torch {torch.__version__} cannot use "
-            f"them: it is built for CUDA {cuda}{need}"), True  # fmt: skip
+            f"them: it is built {built}"), True  # fmt: skip
 
 
 # --- steps: each returns (details for the JSON, one line for the table) -----------------------------------------
@@ -153,13 +155,13 @@ def latency_images(profile: Profile, work: Path, count: int) -> Path:
     return folder / "images"
 
 
-def step_latency(profile: Profile, work: Path, device: str) -> tuple[dict, str]:
+def step_latency(profile: Profile, work: Path, device: str, run: Path) -> tuple[dict, str]:
     import latency
 
     images = latency_images(profile, work, profile.latency_images)
     details: dict[str, list[dict]] = {}
     for precision, flags in (("fp32", []), ("bf16", ["--bf16"])):
-        out = work / f"latency_{precision}.json"
+        out = run / f"latency_{precision}.json"
         latency.main([
             "--images", str(images), "--num-images", str(profile.latency_images), "--short-side", str(profile.short_side),
             "--max-size", str(profile.max_size), "--device", device, "--threads", "4",
@@ -182,7 +184,7 @@ def step_latency(profile: Profile, work: Path, device: str) -> tuple[dict, str]:
     return details, f"{line('fp32')}; {line('bf16')}"
 
 
-def step_memory(profile: Profile, work: Path, device: str) -> tuple[dict, str]:
+def step_memory(profile: Profile, work: Path, device: str, run: Path) -> tuple[dict, str]:
     """Peak memory of training steps in this process, with the training code of experiments/train_local.py, at
     the largest training size (short side 800, no crop; the synthetic images' long side is up to 4:3, like COCO's)
     so the peak is the worst case of the paper's multi-scale training."""
@@ -223,8 +225,8 @@ def step_memory(profile: Profile, work: Path, device: str) -> tuple[dict, str]:
         del model, criterion, optimizer, scheduler, batches, images, targets
         if device == "cuda":
             torch.cuda.empty_cache()
-    for precision in ("fp32", "bf16"):  # inference at batch 1 from the latency step, when it ran
-        path = work / f"latency_{precision}.json"
+    for precision in ("fp32", "bf16"):  # inference at batch 1 from this run's latency step, when it ran
+        path = run / f"latency_{precision}.json"
         if path.is_file():
             rows = {row["variant"]: row for row in json.loads(path.read_text())["results"]}
             details[f"inference_{precision}"] = {v: rows[v]["peak_mem_mb"] for v in rows if device == "cuda"}
@@ -361,8 +363,8 @@ def run_steps(names: list[str], profile: Profile, work: Path, device: str) -> di
     run = work / "runs" / time.strftime("%Y%m%d-%H%M%S")  # Ray Train would resume a finished run of the same name
     steps: dict[str, Callable[[], tuple[dict, str]]] = {
         "env": lambda: step_env(profile, work, device),
-        "latency": lambda: step_latency(profile, work, device),
-        "memory": lambda: step_memory(profile, work, device),
+        "latency": lambda: step_latency(profile, work, device, run),
+        "memory": lambda: step_memory(profile, work, device, run),
         "train": lambda: step_train(profile, work, device, run),
         "resume": lambda: step_resume(profile, work, device, run),
         "scaling": lambda: step_scaling(profile, work, device, run),
