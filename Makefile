@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 XTCOCOTOOLS := xtcocotools==1.14.3
 MLFLOW_PORT ?= 5000
 
-.PHONY: demo test lint format mlflow-ui clean
+.PHONY: demo test lint format gpu-check mlflow-ui clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -29,6 +29,11 @@ format: $(STAMP)
 
 test: lint
 	$(BIN)/python -m pytest -q
+
+# GPU acceptance: environment, latency, memory, training, kill-and-resume and scaling at the paper's sizes, in
+# under 10 minutes on one H100. Without a CUDA device it says so and exits 0.
+gpu-check: $(STAMP)
+	$(BIN)/python benchmarks/gpu_check.py --json benchmarks/results/gpu_check.json
 
 mlflow-ui: $(STAMP)
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlruns.db --host 127.0.0.1 --port $(MLFLOW_PORT)
