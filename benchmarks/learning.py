@@ -28,6 +28,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 GOAL_AP, GOAL_MINUTES = 0.5, 20.0
+GRAD_NORM_ITERS = 200
 
 # A small CPU configuration: the paper's architecture at reduced widths on small synthetic images.
 SMALL = {
@@ -95,6 +96,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters")  # fmt: skip
 
     curve: list[dict] = []
+    early_grad_norms: list[float] = []  # the first GRAD_NORM_ITERS iterations' norms before clipping
     trained_s = cpu_s = 0.0
     iteration, next_eval, recent = 0, eval_every * 60, []
 
@@ -115,6 +117,8 @@ def main(argv: list[str] | None = None) -> int:
         cpu_s += time.process_time() - cpu
         iteration += 1
         recent.append(terms["loss"])
+        if iteration <= GRAD_NORM_ITERS:
+            early_grad_norms.append(terms["grad_norm"])
         if trained_s >= next_eval:
             record()
             next_eval += eval_every * 60
@@ -130,6 +134,17 @@ def main(argv: list[str] | None = None) -> int:
         )
     verdict = f"reached AP {GOAL_AP} at {reached} min" if reached is not None else f"AP {GOAL_AP} not reached"
     print(f"final AP {final_ap:.3f} after {curve[-1]['minutes']} min ({iteration} iterations); {verdict}")
+    ratios = np.array(early_grad_norms) / cfg.train.clip_grad
+    grad_clip = {
+        "iterations": len(ratios),
+        "median": float(np.median(ratios)),
+        "p10": float(np.percentile(ratios, 10)),
+        "p90": float(np.percentile(ratios, 90)),
+        "clipped_share": float((ratios > 1).mean()),
+    }
+    print(f"grad norm / clip ({cfg.train.clip_grad}) over the first {len(ratios)} iterations: median "
+          f"{grad_clip['median']:.1f}, p10 {grad_clip['p10']:.1f}, p90 {grad_clip['p90']:.1f}, "
+          f"clipped {100 * grad_clip['clipped_share']:.0f}%")  # fmt: skip
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         report = {
@@ -141,6 +156,8 @@ def main(argv: list[str] | None = None) -> int:
             "config": cfg.to_dict() | {"tracking": None, "run": None},
             "curve": curve,
             "final_ap": final_ap,
+            "grad_norm_over_clip": grad_clip,
+            "early_grad_norms": early_grad_norms,
             "goal": {"ap": GOAL_AP, "minutes": GOAL_MINUTES, "reached_at_minutes": reached},
         }
         args.json.write_text(json.dumps(report, indent=2, default=str))

@@ -32,6 +32,10 @@ SMALL = ModelConfig(
     part_dim=32,
     test_short_side=160,
     test_max_size=400,
+    # The paper's default ("matched") updates only matched queries' instance state in training, so on two images
+    # the last stage's classifier learns "was updated" instead of "is a person" (its loss reaches 0) and a query
+    # that fits a person can rank last at inference. "all" trains the state inference sees, and ranking is checked.
+    keypoint_training_queries="all",
 )
 
 
