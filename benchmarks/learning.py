@@ -71,6 +71,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--minutes", type=float, default=20.0, help="training wall-clock budget")
     parser.add_argument("--eval-every", type=float, default=None, help="minutes between evaluations")
+    parser.add_argument(
+        "--iterations",
+        type=int,
+        help="stop after this many iterations (a budget independent of "
+        "the machine's speed, for comparing recipes on a busy machine)",
+    )
+    parser.add_argument("--eval-every-iters", type=int, help="evaluate every this many iterations instead")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--synthetic-root", type=Path, default=PROJECT_ROOT / "data" / "synthetic")
     parser.add_argument("--json", type=Path, help="write the curve here")
@@ -109,7 +116,15 @@ def main(argv: list[str] | None = None) -> int:
               f"AP {metrics['AP']:.3f}  AP50 {metrics['AP50']:.3f}  AR {metrics['AR']:.3f}", flush=True)  # fmt: skip
         recent.clear()
 
-    while trained_s < args.minutes * 60:
+    def done() -> bool:
+        return trained_s >= args.minutes * 60 or (args.iterations is not None and iteration >= args.iterations)
+
+    def eval_due() -> bool:
+        if args.eval_every_iters:
+            return iteration % args.eval_every_iters == 0
+        return trained_s >= next_eval
+
+    while not done():
         wall, cpu = time.perf_counter(), time.process_time()
         images, image_sizes, targets = next(batches)
         terms = train_step(model, criterion, optimizer, scheduler, images, image_sizes, targets, cfg.train.clip_grad)
@@ -119,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         recent.append(terms["loss"])
         if iteration <= GRAD_NORM_ITERS:
             early_grad_norms.append(terms["grad_norm"])
-        if trained_s >= next_eval:
+        if eval_due():
             record()
             next_eval += eval_every * 60
     if not curve or curve[-1]["iterations"] != iteration:

@@ -21,6 +21,7 @@ PartScheme = Literal["rigid7", "per_joint", "head_merged", "limbs5"]
 InstancePipeline = Literal["serial", "box_only"]
 KeypointTrainingQueries = Literal["matched", "all"]
 KeypointHead = Literal["queries", "conv_gap_baseline"]
+ClassificationTarget = Literal["binary", "iou", "oks"]
 BackboneNorm = Literal["auto", "frozen_bn", "group_norm"]
 Backbone = Literal["resnet50", "resnet18", "resnet10t", "resnet34", "resnet101", "hrnet_w32", "hrnet_w48", "swin_large"]
 Dataset = Literal["coco", "crowdpose"]
@@ -77,6 +78,10 @@ class ModelConfig:
     keypoint_training_queries: KeypointTrainingQueries = "matched"
     focal_alpha: float = 0.25
     focal_gamma: float = 2.0
+    # What a matched query's classification is trained towards. "binary" (the paper): 1. "iou" / "oks" (beyond the
+    # paper, quality-aware): the matched prediction's box IoU / pose OKS with its person, so that the score, and
+    # with it the ranking of poses at inference, follows how good the pose is.
+    cls_target: ClassificationTarget = "binary"
     # The authors' auxiliary keypoint-heatmap loss (AUX_KPS_HEATMAP), off in their configs: a heatmap head on P2
     # trained with CornerNet's focal loss on Gaussian targets; training only.
     aux_heatmap: bool = False

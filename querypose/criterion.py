@@ -5,12 +5,14 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 from torch import nn
-from torchvision.ops import generalized_box_iou_loss, sigmoid_focal_loss
+from torchvision.ops import box_iou, generalized_box_iou_loss, sigmoid_focal_loss
 
 from querypose.config import ModelConfig
 from querypose.flow import RealNVP, rle_loss
 from querypose.heatmap import heatmap_focal_loss, render_heatmaps
-from querypose.model import encode_keypoints
+from querypose.keypoints import get_spec
+from querypose.matcher import object_keypoint_similarity
+from querypose.model import decode_keypoints, encode_keypoints
 
 
 class SetCriterion(nn.Module):
@@ -33,17 +35,23 @@ class SetCriterion(nn.Module):
         focal_alpha: float = 0.25,
         focal_gamma: float = 2.0,
         aux_heatmap_weight: float = 0.5,
+        cls_target: str = "binary",
+        sigmas: tuple[float, ...] | None = None,
     ) -> None:
         super().__init__()
+        if cls_target == "oks" and sigmas is None:
+            raise ValueError("SetCriterion: cls_target='oks' needs the dataset's OKS sigmas")
         self.weights = {"cls": cls_weight, "l1": l1_weight, "giou": giou_weight, "rle": rle_weight}
         self.focal_alpha, self.focal_gamma = focal_alpha, focal_gamma
         self.aux_heatmap_weight = aux_heatmap_weight
+        self.cls_target = cls_target
+        self.sigmas = None if sigmas is None else torch.tensor(sigmas, dtype=torch.float32)
 
     @classmethod
     def from_config(cls, cfg: ModelConfig) -> SetCriterion:
         return cls(
             cfg.cls_weight, cfg.l1_weight, cfg.giou_weight, cfg.rle_weight, cfg.focal_alpha, cfg.focal_gamma,
-            cfg.aux_heatmap_weight,
+            cfg.aux_heatmap_weight, cfg.cls_target, get_spec(cfg.dataset).sigmas,
         )  # fmt: skip
 
     def forward(
@@ -73,7 +81,7 @@ class SetCriterion(nn.Module):
             num_keypoints = stage["keypoint_mu"].shape[1]
             matched = _matched_targets(stage["indices"], targets, num_keypoints, device)
             terms = {
-                "cls": self.loss_cls(stage["logits"], matched["batch"], matched["query"]),
+                "cls": self.loss_cls(stage["logits"], matched, self.matched_quality(stage, matched)),
                 **self.loss_boxes(stage["boxes"], matched, image_sizes),
                 "rle": self.loss_rle(stage, matched, flow),
             }
@@ -89,11 +97,24 @@ class SetCriterion(nn.Module):
         losses["loss"] = total
         return losses
 
-    def loss_cls(self, logits: torch.Tensor, batch: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
-        """Sigmoid focal loss over all B * N queries: matched ones are people, the rest background. Summed."""
+    def loss_cls(self, logits: torch.Tensor, matched: dict[str, torch.Tensor], quality: torch.Tensor) -> torch.Tensor:
+        """Sigmoid focal loss over all B * N queries: matched ones are people (target `quality`, 1 for the paper's
+        binary target), the rest background (0). Summed."""
         labels = torch.zeros_like(logits, dtype=torch.float32)  # (B, N)
-        labels[batch, query] = 1.0
+        labels[matched["batch"], matched["query"]] = quality
         return sigmoid_focal_loss(logits.float(), labels, self.focal_alpha, self.focal_gamma, reduction="sum")
+
+    @torch.no_grad()
+    def matched_quality(self, stage: dict, matched: dict[str, torch.Tensor]) -> torch.Tensor:
+        """(T,) classification targets of the matched queries: 1, or their box IoU / pose OKS with their person."""
+        if self.cls_target == "binary":
+            return torch.ones(len(matched["query"]), device=matched["boxes"].device)
+        if self.cls_target == "iou":
+            predicted = stage["boxes"][matched["batch"], matched["query"]].float()
+            return box_iou(predicted, matched["boxes"]).diagonal().clamp_min(0)
+        pixels = decode_keypoints(stage["keypoint_mu"].float(), stage["keypoint_boxes"].float())  # (T, K, 2)
+        people = {"keypoints": matched["keypoints"], "boxes": matched["boxes"]}
+        return object_keypoint_similarity(pixels, people, self.sigmas.to(pixels.device)).diagonal()
 
     def loss_boxes(
         self, boxes: torch.Tensor, matched: dict[str, torch.Tensor], image_sizes: torch.Tensor

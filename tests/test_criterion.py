@@ -200,3 +200,35 @@ def test_rle_term_is_the_authors_formula_per_keypoint():
                 expected += math.log(s * math.sqrt(2 * math.pi)) + abs(target[c] - m) / (math.sqrt(2) * s + 1e-9)
     num_people = 3  # every person in the batch, matched or not
     assert got.item() == pytest.approx(expected / (num_people * K), rel=1e-5)
+
+
+@pytest.mark.parametrize("target", ["iou", "oks"])
+def test_quality_targets_train_matched_queries_towards_their_box_iou_or_pose_oks(target):
+    from torchvision.ops import box_iou
+
+    from querypose.keypoints import COCO
+    from querypose.matcher import object_keypoint_similarity
+    from querypose.model import decode_keypoints
+
+    targets = make_targets()
+    outputs = make_outputs(targets, num_stages=1, box_noise=6.0, mu_noise=0.1)
+    stage = outputs["stages"][0]
+    got = SetCriterion(cls_target=target, sigmas=COCO.sigmas)(outputs, targets, SIZES, RealNVP())["loss_cls_s0"]
+    labels = torch.zeros(2, 4)
+    gt_boxes = torch.stack([targets[0]["boxes"][1], targets[0]["boxes"][0], targets[1]["boxes"][0]])
+    gt_keypoints = torch.stack([targets[0]["keypoints"][1], targets[0]["keypoints"][0], targets[1]["keypoints"][0]])
+    rows = [(0, 1), (0, 3), (1, 0)]
+    if target == "iou":
+        predicted = torch.stack([stage["boxes"][b, q] for b, q in rows]).detach()
+        quality = box_iou(predicted, gt_boxes).diagonal()
+    else:
+        pixels = decode_keypoints(stage["keypoint_mu"].detach(), stage["keypoint_boxes"])
+        quality = object_keypoint_similarity(pixels, {"keypoints": gt_keypoints, "boxes": gt_boxes},
+                                             torch.tensor(COCO.sigmas)).diagonal()  # fmt: skip
+    assert quality.min() > 0.02 and quality.max() < 0.99  # soft targets, not 0 or 1
+    for (b, q), value in zip(rows, quality, strict=True):
+        labels[b, q] = value
+    expected = sigmoid_focal_loss(stage["logits"].detach(), labels, 0.25, 2.0, reduction="sum") / 3
+    assert got.item() == pytest.approx(expected.item(), rel=1e-5)
+    binary = SetCriterion()(outputs, targets, SIZES, RealNVP())["loss_cls_s0"]
+    assert binary.item() != pytest.approx(got.item(), rel=1e-3)
