@@ -1,9 +1,15 @@
 """How fast does a small QueryPose learn on CPU? Keypoint AP on a held-out synthetic split against training time.
 
-Trains a small configuration (below; dotted overrides change it) on the synthetic dataset with the real training
-step (matching, set losses, RLE, AdamW, clipping, augmentation) for a budget of training wall-clock minutes,
-evaluating COCO keypoint AP on a held-out synthetic split (a different generator seed) every --eval-every
-minutes. Evaluation time is not counted in the budget. Prints a table and writes the AP-vs-minutes curve.
+Trains a small configuration (below; dotted overrides change it) on the synthetic dataset for a budget of training
+wall-clock minutes, evaluating COCO keypoint AP on a held-out synthetic split (a different generator seed) every
+--eval-every minutes. Evaluation time is not counted in the budget. Prints a table and writes the AP-vs-minutes
+curve.
+
+It runs the platform's own code path without Ray: the same `querypose.engine.train_step` (matching, set losses,
+RLE, AdamW, clipping), the same `querypose.transforms.train_augment` and the same evaluation
+(`querypose.evaluation` through `engine.evaluate`). What differs from a Ray Train run of the same config: batches
+come from an in-process loop (`experiments/train_local.py`) instead of Ray Data's stream, there is one process (no
+DDP), and no MLflow; `benchmarks/scaling.py` and `ingest.py` measure what Ray adds.
 
     python benchmarks/learning.py --minutes 20 --threads 2 --json benchmarks/results/learning.json
     python benchmarks/learning.py --minutes 5 model.num_stages=2          # a quick check
@@ -81,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--synthetic-root", type=Path, default=PROJECT_ROOT / "data" / "synthetic")
     parser.add_argument("--json", type=Path, help="write the curve here")
+    parser.add_argument("--save-weights", type=Path, help="write the trained model here (querypose.weights format)")
     parser.add_argument("overrides", nargs="*", help="dotted overrides of the small config, e.g. train.lr=1e-3")
     args = parser.parse_args(argv)
 
@@ -160,6 +167,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"grad norm / clip ({cfg.train.clip_grad}) over the first {len(ratios)} iterations: median "
           f"{grad_clip['median']:.1f}, p10 {grad_clip['p10']:.1f}, p90 {grad_clip['p90']:.1f}, "
           f"clipped {100 * grad_clip['clipped_share']:.0f}%")  # fmt: skip
+    if args.save_weights:
+        from querypose.weights import save_weights
+
+        print(f"wrote {save_weights(model, cfg.model, args.save_weights)}")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         report = {

@@ -16,6 +16,9 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NOTE
 from querypose_platform.config import TrackingConfig
 
 RUN_KEY_TAG = "querypose.run_key"
+# MLflow 3's UI opens an experiment on its GenAI overview ("Traces") unless this tag names the model-training kind.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+MODEL_TRAINING_KIND = "custom_model_development"
 SOURCE_RUN_TAG = "querypose.source_run"
 MAX_PARAM_LENGTH = 6000  # MLflow's limit on a parameter value
 
@@ -37,13 +40,18 @@ def client_for(tracking: TrackingConfig) -> MlflowClient:
 
 
 def experiment_id(client: MlflowClient, tracking: TrackingConfig) -> str:
+    """The experiment's id, created when missing; either way marked as a model-training experiment for the UI."""
     experiment = client.get_experiment_by_name(tracking.experiment)
     if experiment is not None:
+        if experiment.tags.get(EXPERIMENT_KIND_TAG) != MODEL_TRAINING_KIND:
+            client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND)
         return experiment.experiment_id
     location = tracking.artifact_location
     if location and "://" not in location:
         location = Path(location).resolve().as_uri()
-    return client.create_experiment(tracking.experiment, artifact_location=location or None)
+    return client.create_experiment(
+        tracking.experiment, artifact_location=location or None, tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING_KIND}
+    )
 
 
 def find_run(client: MlflowClient, experiment: str, run_key: str) -> str | None:
