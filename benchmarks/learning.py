@@ -73,6 +73,19 @@ SMALL = {
 }
 
 
+def pretrained_backbone(cfg, samples: list[dict], iterations: int, root: Path):
+    """The config with a backbone heatmap-pretrained on `samples` (written under `root`), and the seconds it took."""
+    import train_local
+
+    from querypose.pretrain import pretrain_backbone, save_backbone
+
+    started = time.perf_counter()
+    batches = train_local.training_batches(samples, cfg, np.random.default_rng(cfg.train.seed + 1))
+    state = pretrain_backbone(cfg.model, batches, iterations, log=print)
+    path = save_backbone(state, root / f"learning-backbone-{cfg.model.backbone}-{iterations}it.pt")
+    return cfg.with_model(backbone_weights=str(path), backbone_norm="group_norm"), time.perf_counter() - started
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--minutes", type=float, default=20.0, help="training wall-clock budget")
@@ -84,6 +97,13 @@ def main(argv: list[str] | None = None) -> int:
         "the machine's speed, for comparing recipes on a busy machine)",
     )
     parser.add_argument("--eval-every-iters", type=int, help="evaluate every this many iterations instead")
+    parser.add_argument(
+        "--pretrain-iters",
+        type=int,
+        default=0,
+        help="first heatmap-pretrain the backbone this "
+        "many iterations on the train split (querypose.pretrain); its time counts in the budget",
+    )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--synthetic-root", type=Path, default=PROJECT_ROOT / "data" / "synthetic")
     parser.add_argument("--json", type=Path, help="write the curve here")
@@ -104,6 +124,9 @@ def main(argv: list[str] | None = None) -> int:
     splits = train_local.synthetic_splits(cfg, args.synthetic_root)
     train_samples = list(coco_samples(*splits["train"], only_with_people=True))
     val_samples = list(coco_samples(*splits["val"]))
+    pretrain_s = 0.0
+    if args.pretrain_iters:
+        cfg, pretrain_s = pretrained_backbone(cfg, train_samples, args.pretrain_iters, args.synthetic_root)
     model, criterion, optimizer, scheduler = train_local.build_training(cfg, device)
     batches = train_local.training_batches(train_samples, cfg, np.random.default_rng(cfg.train.seed))
     print(f"[learning] {len(train_samples)} train / {len(val_samples)} held-out images, {args.threads} threads, "
@@ -111,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
 
     curve: list[dict] = []
     early_grad_norms: list[float] = []  # the first GRAD_NORM_ITERS iterations' norms before clipping
-    trained_s = cpu_s = 0.0
+    trained_s, cpu_s = pretrain_s, 0.0
     iteration, next_eval, recent = 0, eval_every * 60, []
 
     def record() -> None:

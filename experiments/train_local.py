@@ -25,10 +25,9 @@ import torch  # noqa: E402
 
 from querypose import build_model  # noqa: E402
 from querypose.criterion import SetCriterion  # noqa: E402
-from querypose.engine import coco_samples, evaluate, train_step  # noqa: E402
+from querypose.engine import augmented_batches, coco_samples, evaluate, train_step  # noqa: E402
 from querypose.keypoints import get_spec  # noqa: E402
 from querypose.optim import build_optimizer, build_scheduler  # noqa: E402
-from querypose.transforms import collate, train_augment  # noqa: E402
 from querypose.weights import save_weights  # noqa: E402
 from querypose_platform.config import ConfigError, ExperimentConfig, SyntheticConfig, load_config  # noqa: E402
 
@@ -53,26 +52,13 @@ def synthetic_splits(cfg: ExperimentConfig, root: Path) -> dict[str, tuple[Path,
 def training_batches(
     samples: list[dict], cfg: ExperimentConfig, rng: np.random.Generator
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[dict]]]:
-    """Endless augmented batches of train.batch_size: a fresh shuffle every epoch, the paper's augmentation."""
-    data, spec = cfg.data, get_spec(cfg.model.dataset)
-    while True:
-        order = rng.permutation(len(samples))
-        for start in range(0, len(order) - cfg.train.batch_size + 1, cfg.train.batch_size):
-            batch = [
-                train_augment(
-                    samples[i],
-                    rng,
-                    spec.flip_index,
-                    short_sides=tuple(data.train_short_sides),
-                    max_size=data.train_max_size,
-                    flip_prob=data.flip_prob,
-                    crop_prob=data.crop_prob,
-                    crop_resize_sides=tuple(data.crop_resize_sides),
-                    crop_size=tuple(data.crop_size),
-                )
-                for i in order[start : start + cfg.train.batch_size]
-            ]
-            yield collate(batch, spec.num_keypoints)
+    """Endless augmented batches of train.batch_size with the config's augmentation (a fresh shuffle per epoch)."""
+    data = cfg.data
+    return augmented_batches(
+        samples, cfg.train.batch_size, get_spec(cfg.model.dataset).flip_index, rng,
+        short_sides=tuple(data.train_short_sides), max_size=data.train_max_size, flip_prob=data.flip_prob,
+        crop_prob=data.crop_prob, crop_resize_sides=tuple(data.crop_resize_sides), crop_size=tuple(data.crop_size),
+    )  # fmt: skip
 
 
 def subset_gt(gt_json: Path, samples: list[dict], out: Path) -> Path:

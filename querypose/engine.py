@@ -15,7 +15,7 @@ from torch import nn
 
 from querypose.evaluation import evaluate_keypoints
 from querypose.optim import clip_gradients
-from querypose.transforms import KEYPOINT_PIXEL_CENTRE, has_people, people_arrays
+from querypose.transforms import KEYPOINT_PIXEL_CENTRE, collate, has_people, people_arrays, train_augment
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -111,6 +111,20 @@ def coco_samples(gt_json: str | Path, image_dir: str | Path, only_with_people: b
             "boxes": boxes,
             "keypoints": keypoints,
         }
+
+
+def augmented_batches(
+    samples: list[dict], batch_size: int, flip_index: np.ndarray, rng: np.random.Generator, **augment
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[dict]]]:
+    """Endless training batches from in-memory samples: a fresh shuffle every epoch, each sample through
+    `train_augment(**augment)`, collated into (images (B, 3, H, W), image_sizes (B, 2), targets). The Ray Data
+    pipeline (querypose_platform.data) does the same over shards."""
+    num_keypoints = samples[0]["keypoints"].shape[1]
+    while True:
+        order = rng.permutation(len(samples))
+        for start in range(0, len(order) - batch_size + 1, batch_size):
+            batch = [train_augment(samples[i], rng, flip_index, **augment) for i in order[start : start + batch_size]]
+            yield collate(batch, num_keypoints)
 
 
 def _to_chw(image: np.ndarray | torch.Tensor, image_id: object) -> torch.Tensor:

@@ -39,12 +39,15 @@ def gaussian_radius(widths: torch.Tensor, heights: torch.Tensor, min_overlap: fl
     return torch.minimum(torch.minimum(r1, r2), r3 / 2)
 
 
-def render_heatmaps(targets: list[dict[str, torch.Tensor]], size: tuple[int, int], num_keypoints: int) -> torch.Tensor:
+def render_heatmaps(
+    targets: list[dict[str, torch.Tensor]], size: tuple[int, int], num_keypoints: int, box_scale: float = 1.0
+) -> torch.Tensor:
     """Gaussian targets (B, K, h, w) at stride 4 for B target dicts ("boxes" (P, 4) xyxy, "keypoints" (P, K, 3)).
 
-    As the authors draw them: the radius comes from each person's box in input pixels, the peak sits on the
-    keypoint's integer stride-4 cell, sigma = (2r + 1) / 6, the square window of side 2r + 1 cuts the Gaussian,
-    and overlapping people keep the maximum.
+    As the authors draw them: the radius comes from each person's box in input pixels (times `box_scale`; 1/4
+    measures the box in heatmap cells, as CenterNet does, for sharper peaks), the peak sits on the keypoint's
+    integer stride-4 cell, sigma = (2r + 1) / 6, the square window of side 2r + 1 cuts the Gaussian, and
+    overlapping people keep the maximum.
     """
     height, width = size
     device = targets[0]["boxes"].device if targets else torch.device("cpu")
@@ -55,7 +58,7 @@ def render_heatmaps(targets: list[dict[str, torch.Tensor]], size: tuple[int, int
         boxes, keypoints = target["boxes"].float(), target["keypoints"].float()
         if len(boxes) == 0:
             continue
-        sizes = (boxes[:, 2:] - boxes[:, :2]).ceil()
+        sizes = ((boxes[:, 2:] - boxes[:, :2]) * box_scale).ceil()
         radius = gaussian_radius(sizes[:, 0], sizes[:, 1]).clamp_min(0).floor()  # (P,)
         cells = torch.div(keypoints[..., :2], P2_STRIDE, rounding_mode="trunc")  # (P, K, 2)
         inside = (cells[..., 0] >= 0) & (cells[..., 0] < width) & (cells[..., 1] >= 0) & (cells[..., 1] < height)
