@@ -26,7 +26,6 @@ import torch  # noqa: E402
 from querypose import build_model  # noqa: E402
 from querypose.criterion import SetCriterion  # noqa: E402
 from querypose.engine import coco_samples, evaluate, train_step  # noqa: E402
-from querypose.keypoints import get_spec  # noqa: E402
 from querypose.optim import build_optimizer, build_scheduler  # noqa: E402
 from querypose.transforms import collate, train_augment  # noqa: E402
 from querypose.weights import save_weights  # noqa: E402
@@ -38,14 +37,15 @@ def synthetic_splits(cfg: ExperimentConfig, root: Path) -> dict[str, tuple[Path,
     from querypose.synthetic import write_synthetic_dataset
 
     settings = cfg.data.synthetic or SyntheticConfig()
+    spec = cfg.model.spec
     splits = {}
     for split, count, seed in (
         ("train", settings.train_images, settings.seed),
         ("val", settings.val_images, settings.seed + 1),  # a different seed: held-out people
     ):
-        out = root / f"{cfg.model.dataset}_{split}_{count}x{settings.image_size}_s{seed}"
+        out = root / f"{spec.name}_{split}_{count}x{settings.image_size}_s{seed}"
         if not (out / "annotations.json").is_file():
-            write_synthetic_dataset(out, count, dataset=cfg.model.dataset, seed=seed, image_size=settings.image_size)
+            write_synthetic_dataset(out, count, dataset=spec, seed=seed, image_size=settings.image_size)
         splits[split] = (out / "annotations.json", out / "images")
     return splits
 
@@ -54,7 +54,7 @@ def training_batches(
     samples: list[dict], cfg: ExperimentConfig, rng: np.random.Generator
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[dict]]]:
     """Endless augmented batches of train.batch_size: a fresh shuffle every epoch, the paper's augmentation."""
-    data, spec = cfg.data, get_spec(cfg.model.dataset)
+    data, spec = cfg.data, cfg.model.spec
     while True:
         order = rng.permutation(len(samples))
         for start in range(0, len(order) - cfg.train.batch_size + 1, cfg.train.batch_size):
@@ -163,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
             )
         if iteration % cfg.train.eval_every == 0 or iteration == cfg.train.max_iters:
             results = args.out / f"predictions_{iteration}.json"
-            metrics = evaluate(model, val_samples, splits["val"][0], cfg.model.dataset, results_path=results)
+            metrics = evaluate(model, val_samples, splits["val"][0], cfg.model.spec, results_path=results)
             log.write(json.dumps({"iteration": iteration, "eval": metrics}) + "\n")
             print(f"[train_local] eval @ {iteration}: " + "  ".join(f"{k}={v:.3f}" for k, v in metrics.items()))
     log.close()

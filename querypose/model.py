@@ -14,7 +14,6 @@ from querypose.config import ModelConfig
 from querypose.flow import RealNVP
 from querypose.heatmap import HeatmapHead
 from querypose.keypoint_decoder import KeypointStage
-from querypose.keypoints import get_spec
 from querypose.matcher import HungarianMatcher
 from querypose.transforms import pad_batch
 
@@ -38,7 +37,7 @@ class QueryPose(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        self.spec = get_spec(cfg.dataset)
+        self.spec = cfg.spec
         self.uses_part_queries = cfg.keypoint_head == "queries" and cfg.query_type == "part"
         # Part queries carry over to the next stage only when they are iterated (SIM/sum/concat, Table 2a). With
         # iteration "none" every stage starts from Q_P^0, token interactions (MHSA, DyMLP) included.
