@@ -35,7 +35,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("outputs") / "export" / "querypose.onnx")
     args = parser.parse_args(argv)
 
-    import torch
     from predict import build
 
     from querypose.export import export_onnx, padded_size
@@ -53,15 +52,16 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(f"wrote {path} ({'dynamic' if args.dynamic else f'{size[0]}x{size[1]}'}; {cfg.spec.name}, "
           f"{cfg.spec.num_keypoints} keypoints, {cfg.num_queries} queries)")  # fmt: skip
-    for name, difference in check(model, path, size, torch).items():
+    for name, difference in check(model, path, size).items():
         print(f"  onnxruntime vs PyTorch, max |difference| of {name}: {difference:.2e}")
     return 0
 
 
-def check(model, path: Path, size: tuple[int, int], torch) -> dict[str, float]:
+def check(model, path: Path, size: tuple[int, int]) -> dict[str, float]:
     """Run the file once with onnxruntime on a noise image; the largest difference from PyTorch per output."""
     import numpy as np
     import onnxruntime
+    import torch
 
     from querypose.export import OUTPUTS
 
