@@ -28,7 +28,6 @@ import numpy as np  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 import torch  # noqa: E402
 
-from querypose.keypoints import get_spec  # noqa: E402
 from querypose_platform.config import load_config  # noqa: E402
 from querypose_platform.data import READ_COLUMNS, _decode_and_transform, _object_array, collate_batch  # noqa: E402
 from querypose_platform.shards import ensure_synthetic_shards, shard_files  # noqa: E402
@@ -71,7 +70,7 @@ def collate_rows(rows: list[dict], num_keypoints: int):
 
 
 def time_dataloader(files, cfg, workers: int, epochs: int) -> tuple[float, int]:
-    num_keypoints = get_spec(cfg.model.dataset).num_keypoints
+    num_keypoints = cfg.model.spec.num_keypoints
     loader = torch.utils.data.DataLoader(
         ParquetRows(files, cfg, epochs), batch_size=BATCH_SIZE, num_workers=workers, persistent_workers=False,
         collate_fn=lambda rows: collate_rows(rows, num_keypoints), prefetch_factor=4,
@@ -86,7 +85,7 @@ def time_ray_data(uri, cfg, epochs: int) -> tuple[float, int]:
     from querypose_platform.data import BatchCollator, build_dataset
 
     dataset = build_dataset(uri, cfg, train=True, epochs=epochs)
-    collate = BatchCollator(get_spec(cfg.model.dataset).num_keypoints)
+    collate = BatchCollator(cfg.model.spec.num_keypoints)
     started, images = time.perf_counter(), 0
     for batch in dataset.iter_torch_batches(batch_size=BATCH_SIZE, collate_fn=collate, prefetch_batches=4):
         images += len(batch.image_ids)
@@ -107,7 +106,7 @@ def data_wait_share(uri, cfg, steps: int) -> dict:
     scheduler = build_scheduler(optimizer, cfg.train.warmup_iters, cfg.train.warmup_factor, [], 0.1)
     dataset = build_dataset(uri, cfg, train=True, epochs=4)
     batches = iter(dataset.iter_torch_batches(batch_size=cfg.train.batch_size,
-                                              collate_fn=BatchCollator(get_spec(cfg.model.dataset).num_keypoints)))  # fmt: skip
+                                              collate_fn=BatchCollator(cfg.model.spec.num_keypoints)))  # fmt: skip
     next(batches)  # pipeline start-up is not a step
     wait = total = 0.0
     for _ in range(steps):

@@ -8,6 +8,9 @@ Variants: `querypose` is the plain path (NCHW convolutions, explicit softmax att
 same weights with `set_inference_options()` (channels_last, scaled_dot_product_attention; equal outputs),
 `+prune20@2` keeps the top 20 queries after stage 2 (beyond the paper), `+compile` (with --compile) adds
 torch.compile of the static-shape RoI decoders, `+bf16` runs under bfloat16 autocast (outputs change).
+`querypose-onnxruntime` is the same weights exported by experiments/export.py (--dynamic) and run by
+onnxruntime on CPU with the same number of intra-op threads, in a process that never imports torch, with
+experiments/onnx_predict.py's numpy/OpenCV pre- and post-processing (the export itself is not timed).
 Besides wall time it reports process CPU time per image: on a machine shared with other jobs the wall time
 of a 2-thread run swings with the load, its CPU time much less, so ratios of CPU time are the steadier ones.
 
@@ -23,12 +26,16 @@ import multiprocessing as mp
 import resource
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(PROJECT_ROOT / "experiments"))  # onnx_predict: the onnxruntime-only pipeline
 DEFAULT_IMAGES = PROJECT_ROOT.parent / "shared" / "fixtures" / "coco" / "images"
 BASELINE = "querypose"
+OPTIMISED = "querypose+opt"
+ONNXRUNTIME = "querypose-onnxruntime"
 
 # name -> QueryPose options; "keypoint_rcnn" is torchvision's model.
 VARIANTS = {
@@ -38,8 +45,9 @@ VARIANTS = {
     "querypose+opt+prune20@2": {"optimised": True, "prune": (2, 20)},
     "querypose+opt+compile": {"optimised": True, "compile": True},
     "querypose+opt+bf16": {"optimised": True, "bf16": True},
+    ONNXRUNTIME: {"onnx": True},
 }
-DEFAULT_VARIANTS = ["keypoint_rcnn", "querypose", "querypose+opt", "querypose+opt+prune20@2"]
+DEFAULT_VARIANTS = ["keypoint_rcnn", "querypose", "querypose+opt", "querypose+opt+prune20@2", ONNXRUNTIME]
 
 
 def load_images(folder: Path, count: int):
@@ -151,12 +159,61 @@ def measure(variant: str, options: dict, args: argparse.Namespace, queue) -> Non
     )
 
 
+def export_onnx(args: argparse.Namespace, path: Path, queue) -> None:
+    """The `querypose` variant's model (same seed, same weights) exported with dynamic sizes to `path`."""
+    import torch
+
+    from querypose.export import export_onnx as export
+
+    torch.set_num_threads(args.threads)
+    model, _ = build(BASELINE, VARIANTS[BASELINE], args.short_side, args.max_size, torch.device("cpu"))
+    start = time.perf_counter()
+    export(model, path, dynamic=True)
+    queue.put({"params_m": sum(p.numel() for p in model.parameters()) / 1e6, "export_s": time.perf_counter() - start})
+
+
+def measure_onnxruntime(variant: str, args: argparse.Namespace, path: Path, exported: dict, queue) -> None:
+    """Like `measure`, for the exported file under onnxruntime's CPU provider; torch is never imported here."""
+    import cv2
+    import onnx_predict
+
+    paths = sorted(Path(args.images).glob("*.jpg"))[: args.num_images]
+    images = [cv2.cvtColor(cv2.imread(str(p)), cv2.COLOR_BGR2RGB) for p in paths]
+    session, preprocessing, _ = onnx_predict.load(path, "cpu", threads=args.threads)
+    start = time.perf_counter()
+    for _ in range(args.warmup):
+        onnx_predict.predict(session, preprocessing, images[0])
+    warmup_s = time.perf_counter() - start
+    wall, cpu, detections = [], [], []
+    for _ in range(args.repeats):
+        for image in images:
+            start, start_cpu = time.perf_counter(), time.process_time()
+            result = onnx_predict.predict(session, preprocessing, image)
+            wall.append((time.perf_counter() - start) * 1000)
+            cpu.append((time.process_time() - start_cpu) * 1000)
+            detections.append(len(result["boxes"]))
+    queue.put(
+        {
+            "variant": variant,
+            "ms_per_image": statistics.median(wall),
+            "cpu_ms_per_image": statistics.median(cpu),
+            "gflops": None,
+            "params_m": exported["params_m"],
+            "peak_mem_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "detections_per_image": statistics.mean(detections),
+            "warmup_s": warmup_s,
+            "export_s": exported["export_s"],
+            "wall_ms_all": wall,
+        }
+    )
+
+
 def add_ratios(rows: list[dict]) -> None:
-    """ms/image (wall and CPU) of each variant over the baseline QueryPose and over Keypoint R-CNN."""
+    """ms/image (wall and CPU) of each variant over the baseline QueryPose, the optimised one and Keypoint R-CNN."""
     by_name = {row["variant"]: row for row in rows}
     for row in rows:
         for key, metric in (("", "ms_per_image"), ("cpu_", "cpu_ms_per_image")):
-            for reference in (BASELINE, "keypoint_rcnn"):
+            for reference in (BASELINE, OPTIMISED, "keypoint_rcnn"):
                 ref = by_name.get(reference, {}).get(metric)
                 value = row[metric]
                 row[f"{key}ratio_to_{reference}"] = value / ref if value is not None and ref else None
@@ -168,7 +225,7 @@ def print_table(rows: list[dict], args: argparse.Namespace) -> None:
         f"images={args.num_images} repeats={args.repeats} bf16={args.bf16}"
     )
     header = ("variant", "ms/img", "cpu ms/img", "GFLOPs", "params M", "peak MB", "dets/img", "/base", "cpu /base",
-              "/KRCNN", "cpu /KRCNN")  # fmt: skip
+              "/opt", "cpu /opt", "/KRCNN", "cpu /KRCNN")  # fmt: skip
     print(f"{header[0]:26s}" + "".join(f"{h:>11s}" for h in header[1:]))
 
     def cell(value, spec):
@@ -188,6 +245,8 @@ def print_table(rows: list[dict], args: argparse.Namespace) -> None:
                 for k in (
                     f"ratio_to_{BASELINE}",
                     f"cpu_ratio_to_{BASELINE}",
+                    f"ratio_to_{OPTIMISED}",
+                    f"cpu_ratio_to_{OPTIMISED}",
                     "ratio_to_keypoint_rcnn",
                     "cpu_ratio_to_keypoint_rcnn",
                 )
@@ -214,16 +273,32 @@ def main(argv: list[str] | None = None) -> int:
     variants = list(dict.fromkeys(variants))
 
     context = mp.get_context("spawn")
-    rows = []
-    for variant in variants:
+
+    def run(target, *target_args) -> dict | None:
         queue = context.Queue()
-        process = context.Process(target=measure, args=(variant, VARIANTS[variant], args, queue))
+        process = context.Process(target=target, args=(*target_args, queue))
         process.start()
         process.join()
         if process.exitcode != 0:
-            print(f"{variant}: failed (exit code {process.exitcode})", file=sys.stderr)
-            continue
-        rows.append(queue.get())
+            print(f"{target_args[0] if target is not export_onnx else 'export'}: failed (exit code "
+                  f"{process.exitcode})", file=sys.stderr)  # fmt: skip
+            return None
+        return queue.get()
+
+    if ONNXRUNTIME in variants and args.device != "cpu":
+        print(f"{ONNXRUNTIME}: skipped: it runs on CPU only here (--device {args.device})", file=sys.stderr)
+        variants.remove(ONNXRUNTIME)
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="querypose-latency-") as folder:
+        onnx_path = Path(folder) / "querypose.onnx"
+        exported = run(export_onnx, args, onnx_path) if ONNXRUNTIME in variants else None
+        for variant in variants:
+            if variant == ONNXRUNTIME:
+                row = run(measure_onnxruntime, variant, args, onnx_path, exported) if exported else None
+            else:
+                row = run(measure, variant, VARIANTS[variant], args)
+            if row is not None:
+                rows.append(row)
     add_ratios(rows)
     print_table(rows, args)
     if args.json:

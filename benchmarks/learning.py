@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     iteration, next_eval, recent = 0, eval_every * 60, []
 
     def record() -> None:
-        metrics = evaluate(model, val_samples, splits["val"][0], cfg.model.dataset)
+        metrics = evaluate(model, val_samples, splits["val"][0], cfg.model.spec)
         point = {"minutes": round(trained_s / 60, 2), "iterations": iteration, "cpu_minutes": round(cpu_s / 60, 2),
                  "loss": round(float(np.mean(recent)), 3) if recent else None, **metrics}  # fmt: skip
         curve.append(point)

@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     records, dropped = predict_dataset(
         build_dataset(shards, cfg, train=False), str(weights), args.batch_size, args.actors, args.gpu
     )
-    metrics = evaluate_keypoints(gt_json_path(shards), records, model_cfg.dataset)
+    metrics = evaluate_keypoints(gt_json_path(shards), records, model_cfg.spec)
     seconds = time.perf_counter() - started
 
     print(f"\n{'metric':>8}  value   ({manifest['num_images']} images, {dropped} unreadable, {seconds:.0f}s)")
@@ -75,14 +75,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name:>8}  {value:.4f}")
     args.out.mkdir(parents=True, exist_ok=True)
     report = {"weights": str(args.weights or args.run_id), "source_run": source_run, "data": shards,
-              "dataset": model_cfg.dataset, "metrics": metrics, "dropped_rows": dropped, "seconds": seconds}  # fmt: skip
+              "dataset": model_cfg.spec.name, "metrics": metrics, "dropped_rows": dropped, "seconds": seconds}  # fmt: skip
     (args.out / "metrics.json").write_text(json.dumps(report, indent=2))
     (args.out / "predictions.json").write_text(json.dumps(records))
 
     run_key = f"eval:{args.weights or args.run_id}:{shards}:{time.time_ns()}"  # every eval job is its own run
     tags = {SOURCE_RUN_TAG: source_run} if source_run else {}
     run_id = open_run(cfg.tracking, run_key, f"eval-{args.split}", params={
-        "weights": args.weights or args.run_id, "data": shards, "split": args.split, "dataset": model_cfg.dataset,
+        "weights": args.weights or args.run_id, "data": shards, "split": args.split, "dataset": model_cfg.spec.name,
     }, tags=tags)  # fmt: skip
     logger = RunLogger(cfg.tracking, run_id)
     logger.log_metrics({**metrics, "dropped_rows": dropped, "seconds": seconds}, 0, "val")

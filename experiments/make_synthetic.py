@@ -1,4 +1,12 @@
-"""Generate the synthetic COCO/CrowdPose-format dataset: DIR/images/*.jpg and DIR/annotations.json."""
+"""Generate a synthetic COCO-format keypoint dataset: DIR/images/*.jpg and DIR/annotations.json.
+
+    python experiments/make_synthetic.py --out data/synthetic/coco_train --images 200 --format coco
+    python experiments/make_synthetic.py --out data/quadruped/train --images 200 --format quadruped
+
+`coco` and `crowdpose` draw people with those keypoint sets; `quadruped` draws four-legged animals with the
+custom keypoint set experiments/configs/keypoints/quadruped.yaml and writes DIR/keypoints.yaml beside the
+annotations (its sigmas, flip pairs and part schemes), ready for `convert.py --keypoints`.
+"""
 
 from __future__ import annotations
 
@@ -7,23 +15,27 @@ import sys
 import time
 from pathlib import Path
 
+QUADRUPED = Path(__file__).resolve().parent / "configs" / "keypoints" / "quadruped.yaml"
+
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True, help="output directory (created atomically)")
     parser.add_argument("--images", type=int, required=True, help="number of images")
-    parser.add_argument("--format", choices=("coco", "crowdpose"), default="coco")
+    parser.add_argument("--format", choices=("coco", "crowdpose", "quadruped"), default="coco")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--size", type=int, default=320, help="short side of the images in pixels")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     args = parser.parse_args(argv)
 
+    from querypose.keypoints import load_keypoint_set
     from querypose.synthetic import write_synthetic_dataset
 
+    keypoint_set = load_keypoint_set(QUADRUPED) if args.format == "quadruped" else args.format
     start = time.perf_counter()
     try:
         annotations = write_synthetic_dataset(
-            args.out, args.images, dataset=args.format, seed=args.seed, image_size=args.size, overwrite=args.overwrite
+            args.out, args.images, dataset=keypoint_set, seed=args.seed, image_size=args.size, overwrite=args.overwrite
         )
     except (FileExistsError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)

@@ -26,7 +26,6 @@ import torch  # noqa: E402
 from querypose import build_model  # noqa: E402
 from querypose.criterion import SetCriterion  # noqa: E402
 from querypose.engine import augmented_batches, coco_samples, evaluate, train_step  # noqa: E402
-from querypose.keypoints import get_spec  # noqa: E402
 from querypose.optim import build_optimizer, build_scheduler  # noqa: E402
 from querypose.weights import save_weights  # noqa: E402
 from querypose_platform.config import ConfigError, ExperimentConfig, SyntheticConfig, load_config  # noqa: E402
@@ -37,14 +36,15 @@ def synthetic_splits(cfg: ExperimentConfig, root: Path) -> dict[str, tuple[Path,
     from querypose.synthetic import write_synthetic_dataset
 
     settings = cfg.data.synthetic or SyntheticConfig()
+    spec = cfg.model.spec
     splits = {}
     for split, count, seed in (
         ("train", settings.train_images, settings.seed),
         ("val", settings.val_images, settings.seed + 1),  # a different seed: held-out people
     ):
-        out = root / f"{cfg.model.dataset}_{split}_{count}x{settings.image_size}_s{seed}"
+        out = root / f"{spec.name}_{split}_{count}x{settings.image_size}_s{seed}"
         if not (out / "annotations.json").is_file():
-            write_synthetic_dataset(out, count, dataset=cfg.model.dataset, seed=seed, image_size=settings.image_size)
+            write_synthetic_dataset(out, count, dataset=spec, seed=seed, image_size=settings.image_size)
         splits[split] = (out / "annotations.json", out / "images")
     return splits
 
@@ -55,7 +55,7 @@ def training_batches(
     """Endless augmented batches of train.batch_size with the config's augmentation (a fresh shuffle per epoch)."""
     data = cfg.data
     return augmented_batches(
-        samples, cfg.train.batch_size, get_spec(cfg.model.dataset).flip_index, rng,
+        samples, cfg.train.batch_size, cfg.model.spec.flip_index, rng,
         short_sides=tuple(data.train_short_sides), max_size=data.train_max_size, flip_prob=data.flip_prob,
         crop_prob=data.crop_prob, crop_resize_sides=tuple(data.crop_resize_sides), crop_size=tuple(data.crop_size),
     )  # fmt: skip
@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
             )
         if iteration % cfg.train.eval_every == 0 or iteration == cfg.train.max_iters:
             results = args.out / f"predictions_{iteration}.json"
-            metrics = evaluate(model, val_samples, splits["val"][0], cfg.model.dataset, results_path=results)
+            metrics = evaluate(model, val_samples, splits["val"][0], cfg.model.spec, results_path=results)
             log.write(json.dumps({"iteration": iteration, "eval": metrics}) + "\n")
             print(f"[train_local] eval @ {iteration}: " + "  ".join(f"{k}={v:.3f}" for k, v in metrics.items()))
     log.close()

@@ -54,9 +54,9 @@ class MultiLevelRoIAlign(torch.nn.Module):
         level_of_roi = self.mapper([rois[:, 1:]])  # (R,) level indices 0..3
         out = features[0].new_zeros((rois.shape[0], features[0].shape[1], self.output_size, self.output_size))
         for level, (feature, stride) in enumerate(zip(features, self.strides, strict=True)):
+            # No skip for a level without RoIs: roi_align and index_copy_ take zero rows, and a branch on the
+            # data-dependent count is what torch.export (the ONNX export) cannot trace.
             selected = torch.nonzero(level_of_roi == level).squeeze(1)
-            if selected.numel() == 0:
-                continue
             pooled = roi_align(
                 feature,
                 rois[selected],

@@ -3,6 +3,11 @@
 `ModelConfig()` is the paper's COCO R50 model. Ablation variants are enum-like strings (typing.Literal);
 `ModelConfig.from_dict` rejects unknown keys, wrong types, values outside the allowed set and invalid
 combinations with one `ConfigError` that names the dotted key and what is allowed.
+
+The keypoint set is `dataset` (a built-in set) or, with `dataset: custom`, `keypoints`: a keypoint-set YAML or
+shard manifest path, or the set's mapping (querypose.keypoints). A path is read when the config is validated and
+replaced by the complete mapping, so every config that leaves the process (Ray workers, MLflow params, weights
+files, ONNX metadata) carries the set itself.
 """
 
 from __future__ import annotations
@@ -10,21 +15,22 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
+
+from querypose.keypoints import KeypointSpec, get_spec, load_keypoint_set
 
 QueryType = Literal["part", "instance"]
 Interaction = Literal["spegm", "mhsa", "dymlp_channel", "dymlp_spatial", "spatial_attention"]
 Iteration = Literal["selective", "sum", "concat", "none"]
 PartDim = Literal[128, 32, 64, 256]
-PartScheme = Literal["rigid7", "per_joint", "head_merged", "limbs5"]
 InstancePipeline = Literal["serial", "box_only"]
 KeypointTrainingQueries = Literal["matched", "all"]
 KeypointHead = Literal["queries", "conv_gap_baseline"]
 ClassificationTarget = Literal["binary", "iou", "oks"]
 BackboneNorm = Literal["auto", "frozen_bn", "group_norm"]
 Backbone = Literal["resnet50", "resnet18", "resnet10t", "resnet34", "resnet101", "hrnet_w32", "hrnet_w48", "swin_large"]
-Dataset = Literal["coco", "crowdpose"]
+Dataset = Literal["coco", "crowdpose", "custom"]
 
 
 class ConfigError(ValueError):
@@ -38,13 +44,16 @@ class ModelConfig:
     interaction: Interaction = "spegm"
     iteration: Iteration = "selective"
     part_dim: PartDim = 128
-    part_scheme: PartScheme = "rigid7"
+    part_scheme: str = "rigid7"  # a scheme of the keypoint set: rigid7, per_joint, head_merged, limbs5 for people
     instance_pipeline: InstancePipeline = "serial"
     keypoint_head: KeypointHead = "queries"  # conv_gap_baseline ignores query_type/interaction/iteration
     num_queries: int = 100
     backbone: Backbone = "resnet50"
     num_stages: int = 6
-    dataset: Dataset = "coco"
+    dataset: Dataset = "coco"  # a built-in keypoint set, or "custom" for the set in `keypoints`
+    # The custom keypoint set: a path (keypoint-set YAML or a shard manifest.json) on input, its complete mapping
+    # once validated. hash=False: a mapping is not hashable.
+    keypoints: str | dict[str, Any] | None = field(default=None, hash=False)
 
     # Pretrained backbone weights: a timm model-hub name ("timm/resnet50.tv_in1k", fetched once into the Hugging
     # Face cache), a local checkpoint file, or "none" for random init on purpose. Object-store URIs (s3://, gs://)
@@ -95,8 +104,46 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         validate_fields(self, "model")
+        # A frozen dataclass: the resolved set is cached with object.__setattr__ (not a field: equality and
+        # serialisation go by `keypoints`).
+        object.__setattr__(self, "_spec", self._resolve_keypoints())
         self._check_ranges()
         self._check_combinations()
+
+    @property
+    def spec(self) -> KeypointSpec:
+        """The keypoint set the model predicts."""
+        return self._spec
+
+    def _resolve_keypoints(self) -> KeypointSpec:
+        if self.dataset != "custom":
+            if self.keypoints is not None:
+                raise ConfigError(
+                    f"model.keypoints: given, but model.dataset={self.dataset!r} is a built-in keypoint set; set "
+                    "model.dataset=custom to use the keypoints given, or drop model.keypoints"
+                )
+            spec = get_spec(self.dataset)
+        elif self.keypoints is None:
+            raise ConfigError(
+                "model.keypoints: missing: model.dataset=custom needs its keypoint set: a keypoint-set YAML, a "
+                "converted shard set's manifest.json, or the set as a mapping"
+            )
+        else:
+            try:
+                if isinstance(self.keypoints, str):
+                    spec = load_keypoint_set(self.keypoints)
+                else:
+                    spec = KeypointSpec.from_dict(self.keypoints, "model.keypoints")
+            except (OSError, ValueError) as error:
+                message = str(error)
+                raise ConfigError(message if message.startswith("model.") else f"model.keypoints: {message}") from None
+            object.__setattr__(self, "keypoints", spec.to_dict())
+        if self.part_scheme not in spec.part_schemes:
+            raise ConfigError(
+                f"model.part_scheme: {self.part_scheme!r} is not allowed; allowed values: "
+                f"{', '.join(map(repr, spec.part_schemes))} (the schemes of keypoint set {spec.name!r})"
+            )
+        return spec
 
     def _check_ranges(self) -> None:
         positive = ("num_queries", "num_stages", "hidden_dim", "ffn_dim", "num_heads", "dynamic_dim",

@@ -10,7 +10,6 @@ from torchvision.ops import box_iou, generalized_box_iou_loss, sigmoid_focal_los
 from querypose.config import ModelConfig
 from querypose.flow import RealNVP, rle_loss
 from querypose.heatmap import heatmap_focal_loss, render_heatmaps
-from querypose.keypoints import get_spec
 from querypose.matcher import object_keypoint_similarity
 from querypose.model import decode_keypoints, encode_keypoints
 
@@ -51,7 +50,7 @@ class SetCriterion(nn.Module):
     def from_config(cls, cfg: ModelConfig) -> SetCriterion:
         return cls(
             cfg.cls_weight, cfg.l1_weight, cfg.giou_weight, cfg.rle_weight, cfg.focal_alpha, cfg.focal_gamma,
-            cfg.aux_heatmap_weight, cfg.cls_target, get_spec(cfg.dataset).sigmas,
+            cfg.aux_heatmap_weight, cfg.cls_target, cfg.spec.sigmas,
         )  # fmt: skip
 
     def forward(

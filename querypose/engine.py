@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from querypose.evaluation import evaluate_keypoints
+from querypose.keypoints import KeypointSpec
 from querypose.optim import clip_gradients
 from querypose.transforms import KEYPOINT_PIXEL_CENTRE, collate, has_people, people_arrays, train_augment
 
@@ -170,14 +171,14 @@ def evaluate(
     model: nn.Module,
     samples: Iterable[dict],
     gt_json: str | Path,
-    dataset: str,
+    keypoint_set: str | KeypointSpec,
     batch_size: int = 4,
     results_path: str | Path | None = None,
 ) -> dict[str, float]:
-    """Predict every sample and score the poses against `gt_json` with the dataset's OKS protocol
-    (querypose.evaluation). `samples` is any iterable of {"image_id", "image"} dicts, e.g. `coco_samples(...)` or a
+    """Predict every sample and score the poses against `gt_json` with the keypoint set's OKS protocol and sigmas
+    (querypose.evaluation; a built-in set's name or a KeypointSpec). `samples` is any iterable of {"image_id", "image"} dicts, e.g. `coco_samples(...)` or a
     data loader's rows; the predictions are written to `results_path` when given."""
     results = predict_samples(model, samples, batch_size)
     if results_path is not None:
         Path(results_path).write_text(json.dumps(results))
-    return evaluate_keypoints(gt_json, results, dataset)
+    return evaluate_keypoints(gt_json, results, keypoint_set)

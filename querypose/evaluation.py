@@ -1,8 +1,10 @@
-"""OKS keypoint evaluation with the datasets' own protocols.
+"""OKS keypoint evaluation with the datasets' own protocols, and the keypoint set's own OKS sigmas.
 
-COCO: pycocotools `COCOeval(iouType="keypoints")`, 10 stats. CrowdPose: xtcocotools
+The keypoint set's `evaluation` names the protocol. coco: pycocotools `COCOeval(iouType="keypoints")` with
+`params.kpt_oks_sigmas` set to the set's sigmas, 10 stats. crowdpose: xtcocotools
 `COCOeval(..., "keypoints_crowd", sigmas, use_area=False)`, 9 stats, top-20 detections per image; a difficulty
-subset (easy/medium/hard crowd index) with no ground truth scores -1, as the library reports it.
+subset (easy/medium/hard crowd index) with no ground truth scores -1, as the library reports it. Predictions take
+the ground truth's keypoint category (QueryPose detects one class; a custom file's category id need not be 1).
 
 Predictions are checked before they reach the libraries, so bad input fails with a message naming the record
 and field instead of an error deep inside pycocotools. An empty prediction list scores 0.0 on every metric.
@@ -19,9 +21,9 @@ from typing import Any
 
 import numpy as np
 
-from querypose.keypoints import get_spec
+from querypose.keypoints import KeypointSpec, get_spec
 
-METRIC_NAMES = {
+METRIC_NAMES = {  # by evaluation protocol (KeypointSpec.evaluation)
     "coco": ("AP", "AP50", "AP75", "APm", "APl", "AR", "AR50", "AR75", "ARm", "ARl"),
     "crowdpose": ("AP", "AP50", "AP75", "AR", "AR50", "AR75", "APe", "APm", "APh"),
 }
@@ -31,27 +33,34 @@ CROWDPOSE_MAX_DETS = 20
 def evaluate_keypoints(
     gt_json: str | Path,
     predictions: str | Path | list[dict[str, Any]],
-    dataset: str,
+    keypoint_set: str | KeypointSpec,
     verbose: bool = False,
 ) -> dict[str, float]:
-    """Score COCO-format keypoint results against a ground-truth file; returns {metric name: value}."""
-    if dataset not in METRIC_NAMES:
-        raise ValueError(f"unknown dataset {dataset!r}; allowed: {', '.join(METRIC_NAMES)}")
+    """Score COCO-format keypoint results against a ground-truth file with the keypoint set's protocol and sigmas
+    (`keypoint_set`: a built-in set's name or a KeypointSpec); returns {metric name: value}."""
+    spec = get_spec(keypoint_set) if isinstance(keypoint_set, str) else keypoint_set
+    protocol = spec.evaluation
     gt_path = Path(gt_json)
     if not gt_path.is_file():
         raise FileNotFoundError(f"ground-truth file {gt_path} does not exist")
     results = _load_predictions(predictions)
     gt = json.loads(gt_path.read_text())
     image_ids = {image["id"] for image in gt.get("images", [])}
-    results = _validate(results, image_ids, get_spec(dataset).num_keypoints)
+    keypoint_categories = [c["id"] for c in gt.get("categories", []) if c.get("keypoints")]
+    category = keypoint_categories[0] if len(keypoint_categories) == 1 else 1
+    results = _validate(results, image_ids, spec.num_keypoints, category)
     if not results:
-        return dict.fromkeys(METRIC_NAMES[dataset], 0.0)
-    if dataset == "crowdpose":
+        return dict.fromkeys(METRIC_NAMES[protocol], 0.0)
+    if protocol == "crowdpose":
         results = _top_per_image(results, CROWDPOSE_MAX_DETS)
+    sigmas = np.array(spec.sigmas)
     output = contextlib.nullcontext() if verbose else contextlib.redirect_stdout(io.StringIO())
     with output:
-        stats = _run_coco(gt_path, results) if dataset == "coco" else _run_crowdpose(gt_path, results)
-    return dict(zip(METRIC_NAMES[dataset], (float(s) for s in stats), strict=True))
+        if protocol == "coco":
+            stats = _run_coco(gt_path, results, sigmas, category)
+        else:
+            stats = _run_crowdpose(gt_path, results, sigmas)
+    return dict(zip(METRIC_NAMES[protocol], (float(s) for s in stats), strict=True))
 
 
 def _load_predictions(predictions: str | Path | list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -66,7 +75,9 @@ def _load_predictions(predictions: str | Path | list[dict[str, Any]]) -> list[di
     return list(predictions)
 
 
-def _validate(results: list[dict[str, Any]], image_ids: set[int], num_keypoints: int) -> list[dict[str, Any]]:
+def _validate(
+    results: list[dict[str, Any]], image_ids: set[int], num_keypoints: int, category: int
+) -> list[dict[str, Any]]:
     clean = []
     for i, record in enumerate(results):
         for field in ("image_id", "keypoints", "score"):
@@ -83,7 +94,7 @@ def _validate(results: list[dict[str, Any]], image_ids: set[int], num_keypoints:
         score = float(record["score"])
         if not all(math.isfinite(v) for v in keypoints) or not math.isfinite(score):
             raise ValueError(f"prediction {i} (image {record['image_id']}): keypoints or score is NaN or infinite")
-        clean.append({**record, "category_id": record.get("category_id", 1), "keypoints": keypoints, "score": score})
+        clean.append({**record, "category_id": category, "keypoints": keypoints, "score": score})
     return clean
 
 
@@ -94,24 +105,25 @@ def _top_per_image(results: list[dict[str, Any]], k: int) -> list[dict[str, Any]
     return [r for recs in by_image.values() for r in sorted(recs, key=lambda r: -r["score"])[:k]]
 
 
-def _run_coco(gt_path: Path, results: list[dict[str, Any]]) -> np.ndarray:
+def _run_coco(gt_path: Path, results: list[dict[str, Any]], sigmas: np.ndarray, category: int) -> np.ndarray:
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
 
     coco_gt = COCO(str(gt_path))
     coco_dt = coco_gt.loadRes(results)
     evaluator = COCOeval(coco_gt, coco_dt, iouType="keypoints")
+    evaluator.params.kpt_oks_sigmas = sigmas
+    evaluator.params.catIds = [category]
     evaluator.evaluate()
     evaluator.accumulate()
     evaluator.summarize()
     return evaluator.stats
 
 
-def _run_crowdpose(gt_path: Path, results: list[dict[str, Any]]) -> np.ndarray:
+def _run_crowdpose(gt_path: Path, results: list[dict[str, Any]], sigmas: np.ndarray) -> np.ndarray:
     from xtcocotools.coco import COCO
     from xtcocotools.cocoeval import COCOeval
 
-    sigmas = np.array(get_spec("crowdpose").sigmas)
     coco_gt = COCO(str(gt_path))
     coco_dt = coco_gt.loadRes(results)
     evaluator = COCOeval(coco_gt, coco_dt, "keypoints_crowd", sigmas, use_area=False)

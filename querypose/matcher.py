@@ -8,7 +8,6 @@ from scipy.optimize import linear_sum_assignment
 from torchvision.ops import generalized_box_iou
 
 from querypose.config import ModelConfig
-from querypose.keypoints import get_spec
 
 EPS = 1e-8
 
@@ -48,7 +47,7 @@ class HungarianMatcher:
             focal_alpha=cfg.focal_alpha,
             focal_gamma=cfg.focal_gamma,
             keypoint_cost=cfg.keypoint_cost,
-            sigmas=get_spec(cfg.dataset).sigmas,
+            sigmas=cfg.spec.sigmas,
         )
 
     @torch.no_grad()

@@ -14,7 +14,6 @@ from querypose.config import ModelConfig
 from querypose.flow import RealNVP
 from querypose.heatmap import HeatmapHead
 from querypose.keypoint_decoder import KeypointStage
-from querypose.keypoints import get_spec
 from querypose.matcher import HungarianMatcher
 from querypose.transforms import pad_batch
 
@@ -38,7 +37,7 @@ class QueryPose(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        self.spec = get_spec(cfg.dataset)
+        self.spec = cfg.spec
         self.uses_part_queries = cfg.keypoint_head == "queries" and cfg.query_type == "part"
         # Part queries carry over to the next stage only when they are iterated (SIM/sum/concat, Table 2a). With
         # iteration "none" every stage starts from Q_P^0, token interactions (MHSA, DyMLP) included.
@@ -69,11 +68,15 @@ class QueryPose(nn.Module):
 
     # --- shared by training and inference -------------------------------------------------------------------
 
-    def _features(self, images: torch.Tensor, image_sizes: torch.Tensor) -> list[torch.Tensor]:
-        normalised = (images - self.pixel_mean) / self.pixel_std
+    def normalise(self, images: torch.Tensor) -> torch.Tensor:
+        """0..255 RGB (B, 3, H, W) -> (x - PIXEL_MEAN) / PIXEL_STD per channel."""
+        return (images - self.pixel_mean) / self.pixel_std
+
+    def _features(self, normalised: torch.Tensor, image_sizes: torch.Tensor) -> list[torch.Tensor]:
         # Padding stays zero after normalisation, as if the image had been normalised before padding.
-        rows = torch.arange(images.shape[2], device=images.device)[None, :, None] < image_sizes[:, 0, None, None]
-        cols = torch.arange(images.shape[3], device=images.device)[None, None, :] < image_sizes[:, 1, None, None]
+        device = normalised.device
+        rows = torch.arange(normalised.shape[2], device=device)[None, :, None] < image_sizes[:, 0, None, None]
+        cols = torch.arange(normalised.shape[3], device=device)[None, None, :] < image_sizes[:, 1, None, None]
         normalised = normalised * (rows & cols)[:, None].to(normalised.dtype)
         if self.channels_last:
             normalised = normalised.contiguous(memory_format=torch.channels_last)
@@ -137,7 +140,7 @@ class QueryPose(nn.Module):
         keypoint_boxes (T, 4) the detached boxes they are relative to; with model.aux_heatmap also "heatmap"
         (B, K, H/4, W/4) logits.
         """
-        features = self._features(images, image_sizes)
+        features = self._features(self.normalise(images), image_sizes)
         boxes, instance, parts = self._initial_state(image_sizes)
         stages = []
         for stage in range(self.cfg.num_stages):
@@ -191,11 +194,30 @@ class QueryPose(nn.Module):
     ) -> list[dict[str, torch.Tensor]]:
         """All queries through every stage; the last stage's poses per image, best first, no NMS.
 
-        Returns per image: boxes (N', 4) and keypoints (N', K, 3) [x, y, 1 - sigma] in input pixels, scores (N',)
-        = sigmoid(cls) * mean_k(1 - sigma_k), and attention (N', M, 28, 28) on request (SPEGM models).
-        N' = N, or prune_keep when prune_queries_after_stage is set.
+        images (B, 3, H, W) float 0..255 RGB, zero-padded; image_sizes (B, 2) [h, w]. Returns per image: boxes
+        (N', 4) and keypoints (N', K, 3) [x, y, 1 - sigma] in input pixels, scores (N',) = sigmoid(cls) *
+        mean_k(1 - sigma_k), and attention (N', M, 28, 28) on request (SPEGM models). N' = N, or prune_keep when
+        prune_queries_after_stage is set.
         """
-        features = self._features(images, image_sizes)
+        poses = self.poses(self.normalise(images), image_sizes, return_attention)
+        sigma = poses.pop("keypoint_sigmas")
+        confidence = 1 - sigma.mean(-1, keepdim=True)  # (B, N, K, 1)
+        poses["keypoints"] = torch.cat([poses["keypoints"], confidence], dim=-1)
+        order = poses["scores"].argsort(dim=1, descending=True)  # (B, N), best first
+        ranked = {name: _gather(value, order) for name, value in poses.items()}
+        return [{name: value[b] for name, value in ranked.items()} for b in range(len(order))]
+
+    def poses(
+        self, normalised: torch.Tensor, image_sizes: torch.Tensor, return_attention: bool = False
+    ) -> dict[str, torch.Tensor]:
+        """The inference graph (what experiments/export.py writes to ONNX): every query's pose, unsorted.
+
+        normalised (B, 3, H, W) = self.normalise(0..255 RGB), zero-padded; image_sizes (B, 2) [h, w] before padding.
+        Returns boxes (B, N', 4) xyxy and keypoints (B, N', K, 2) in input pixels (continuous: pixel i spans
+        [i, i + 1)), keypoint_sigmas (B, N', K, 2) (RLE's per-coordinate scale, relative to the box), scores
+        (B, N') = sigmoid(cls) * mean_k(1 - mean(sigma_k)), and attention (B, N', M, 28, 28) on request.
+        """
+        features = self._features(normalised, image_sizes)
         boxes, instance, parts = self._initial_state(image_sizes)
         for stage in range(self.cfg.num_stages):
             logits, boxes, instance = self.box_stages[stage](features, boxes, instance)
@@ -207,7 +229,17 @@ class QueryPose(nn.Module):
                 keep = logits.topk(self.cfg.prune_keep, dim=1).indices  # (B, k)
                 boxes, instance, logits = _gather(boxes, keep), _gather(instance, keep), _gather(logits, keep)
                 parts = None if parts is None else _gather(parts, keep)
-        return self._postprocess(logits, boxes, out, return_attention)
+        batch, num_queries = logits.shape
+        sigma = out["sigma"].view(batch, num_queries, -1, 2)
+        poses = {
+            "boxes": boxes,
+            "keypoints": decode_keypoints(out["mu"], boxes.reshape(-1, 4)).view(batch, num_queries, -1, 2),
+            "keypoint_sigmas": sigma,
+            "scores": logits.sigmoid() * (1 - sigma.mean(-1)).mean(-1),
+        }
+        if return_attention and "attention" in out:
+            poses["attention"] = out["attention"].view(batch, num_queries, *out["attention"].shape[1:])
+        return poses
 
     def _keypoint_stage_all(self, stage, p2, boxes, instance, parts):
         """Keypoint stage `stage` on every query of every image: the (B, N, ...) state reshaped, no gather or
@@ -225,22 +257,6 @@ class QueryPose(nn.Module):
         if self.carries_part_state:
             parts = out["part_queries"].view(batch, num_queries, *parts.shape[2:])
         return out, instance, parts
-
-    def _postprocess(self, logits, boxes, out, return_attention):
-        batch, num_queries = logits.shape
-        sigma = out["sigma"].view(batch, num_queries, -1, 2)
-        confidence = 1 - sigma.mean(-1)  # (B, N, K)
-        scores = logits.sigmoid() * confidence.mean(-1)  # (B, N)
-        pixels = decode_keypoints(out["mu"], boxes.reshape(-1, 4)).view(batch, num_queries, -1, 2)
-        order = scores.argsort(dim=1, descending=True)  # (B, N), best first
-        ranked = {
-            "boxes": _gather(boxes, order),
-            "keypoints": _gather(torch.cat([pixels, confidence[..., None]], dim=-1), order),
-            "scores": scores.gather(1, order),
-        }
-        if return_attention and "attention" in out:
-            ranked["attention"] = _gather(out["attention"].view(batch, num_queries, *out["attention"].shape[1:]), order)
-        return [{name: value[b] for name, value in ranked.items()} for b in range(batch)]
 
     @torch.no_grad()
     def predict(self, images: list[torch.Tensor], return_attention: bool = False) -> list[dict[str, torch.Tensor]]:

@@ -18,7 +18,6 @@ import torch
 from querypose.backbone import Backbone
 from querypose.config import ModelConfig
 from querypose.heatmap import P2_STRIDE, HeatmapHead, heatmap_focal_loss, render_heatmaps
-from querypose.keypoints import get_spec
 from querypose.model import PIXEL_MEAN, PIXEL_STD
 
 
@@ -32,7 +31,7 @@ def pretrain_backbone(
     """Train `Backbone(cfg)` (random init) with a keypoint heatmap head for `iterations` batches of (images
     (B, 3, H, W) 0..255, image_sizes, targets); returns the body's state_dict (timm names)."""
     backbone = Backbone(cfg)
-    head = HeatmapHead(cfg.hidden_dim, get_spec(cfg.dataset).num_keypoints)
+    head = HeatmapHead(cfg.hidden_dim, cfg.spec.num_keypoints)
     parameters = [*backbone.parameters(), *head.parameters()]
     optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=1e-4)
     mean, std = torch.tensor(PIXEL_MEAN).view(1, 3, 1, 1), torch.tensor(PIXEL_STD).view(1, 3, 1, 1)

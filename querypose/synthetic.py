@@ -1,10 +1,15 @@
-"""A small, learnable COCO/CrowdPose-format dataset: articulated stick people on textured backgrounds.
+"""A small, learnable COCO-format dataset: articulated stick people (or quadrupeds) on textured backgrounds.
 
 Each person is a 2-D kinematic skeleton (random scale, position, lean and limb angles in human ranges) drawn
 as thick limbs with one fixed colour per limb and a marker of one fixed colour per keypoint, so a keypoint's
 position and identity (left/right included) can be read from the pixels. People drawn later cover earlier ones:
 a keypoint covered by a later person's body is labelled v=1 (occluded), a visible one v=2. Keypoints outside
 the image and a few random ones are unlabelled (v=0, x=y=0). This is the project's embedded default dataset.
+
+The second body, a quadruped seen from the side (20 keypoints, experiments/configs/keypoints/quadruped.yaml), is
+drawn the same way, so a custom keypoint set trains end to end without a download. Which body draws a keypoint
+set follows from its keypoint names; a set that is not built in also gets a `keypoints.yaml` beside its
+annotations (the sigmas, flip pairs and parts that a COCO-format file cannot hold).
 """
 
 from __future__ import annotations
@@ -17,8 +22,9 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import yaml
 
-from querypose.keypoints import KeypointSpec, get_spec
+from querypose.keypoints import BUILTIN_SETS, KeypointSpec, get_spec
 
 PEOPLE_PER_IMAGE = np.array([0.25, 0.25, 0.2, 0.14, 0.1, 0.06])  # P(1..6 people)
 UNLABELLED_PROB = 0.03
@@ -41,6 +47,28 @@ MARKERS = {
     "left_knee": (128, 255, 0), "right_knee": (255, 0, 128), "left_ankle": (64, 64, 64),
     "right_ankle": (192, 192, 192), "head": (255, 64, 64), "neck": (64, 255, 64),
 }  # fmt: skip
+
+# The quadruped: legs per side ({side} is left or right), the trunk as (colour, width / body length), and
+# markers by joint name.
+QUADRUPED_LEGS = {
+    ("{side}_shoulder", "{side}_front_knee"): {"left": (230, 25, 75), "right": (60, 180, 75)},
+    ("{side}_front_knee", "{side}_front_paw"): {"left": (245, 130, 48), "right": (70, 240, 240)},
+    ("{side}_hip", "{side}_back_knee"): {"left": (0, 130, 200), "right": (240, 50, 230)},
+    ("{side}_back_knee", "{side}_back_paw"): {"left": (145, 30, 180), "right": (210, 245, 60)},
+}  # fmt: skip
+QUADRUPED_TRUNK = {
+    ("withers", "croup"): ((150, 110, 70), 0.3), ("withers", "neck"): ((170, 120, 80), 0.14),
+    ("neck", "head_center"): ((170, 120, 80), 0.14), ("tail_base", "tail_tip"): ((110, 80, 50), 0.09),
+}  # fmt: skip
+QUADRUPED_MARKERS = {
+    "nose": (255, 0, 0), "left_eye": (0, 0, 255), "right_eye": (0, 255, 0), "left_ear": (255, 255, 0),
+    "right_ear": (255, 0, 255), "neck": (64, 255, 64), "tail_base": (255, 64, 64), "tail_tip": (64, 64, 255),
+    "left_shoulder": (255, 255, 255), "right_shoulder": (0, 0, 0), "left_front_knee": (255, 128, 0),
+    "right_front_knee": (0, 128, 255), "left_front_paw": (255, 255, 128), "right_front_paw": (128, 255, 255),
+    "left_hip": (255, 128, 255), "right_hip": (128, 0, 255), "left_back_knee": (128, 255, 0),
+    "right_back_knee": (255, 0, 128), "left_back_paw": (64, 64, 64), "right_back_paw": (192, 192, 192),
+}  # fmt: skip
+SMALL_MARKERS = ("nose", "left_eye", "right_eye", "left_ear", "right_ear")
 
 
 def _rotate(vector: np.ndarray, degrees: float) -> np.ndarray:
@@ -106,24 +134,124 @@ def _draw_person(canvas: np.ndarray, joints: dict[str, np.ndarray], height: floa
     center = tuple(int(round(v)) for v in head_center * 4)
     cv2.ellipse(canvas, center, axes, 0, 0, 360, colour((235, 190, 150)), -1, cv2.LINE_AA, shift=2)
     for name, rgb in MARKERS.items():
-        radius = marker if name not in ("nose", "left_eye", "right_eye", "left_ear", "right_ear") else marker * 0.7
+        radius = marker if name not in SMALL_MARKERS else marker * 0.7
         cv2.circle(canvas, point(name), int(radius * 4), colour(rgb), -1, cv2.LINE_AA, shift=2)
+
+
+def _place_person(rng: np.random.Generator, width: int, height: int, crowd: int) -> tuple[dict, float]:
+    """A person of a random height standing somewhere in the image; returns (joints, height in pixels)."""
+    person_height = height * rng.uniform(0.45, 0.95) / (1 + 0.15 * (crowd - 1))
+    hip = np.array([rng.uniform(-0.05, 1.05) * width, rng.uniform(0.35, 0.8) * height + 0.1 * person_height])
+    return _skeleton(rng, hip, person_height), person_height
+
+
+def _quadruped(rng: np.random.Generator, center: np.ndarray, length: float) -> dict[str, np.ndarray]:
+    """Joint positions (image pixels, y down) of an animal seen from the side, `length` pixels from withers to
+    croup. Facing the image right it shows its left side, facing left its right side, so a mirrored image is
+    another valid animal once left and right swap (the flip augmentation's assumption)."""
+    facing = 1.0 if rng.random() < 0.5 else -1.0
+    tilt = rng.uniform(-10, 10)
+    forward, up = _rotate(np.array([facing, 0.0]), tilt), _rotate(np.array([0.0, -1.0]), tilt)
+    far = "right" if facing > 0 else "left"
+    behind = (forward * 0.06 + up * 0.05) * length  # the far side's joints sit a little behind and above
+    joints = {"withers": center + forward * 0.5 * length, "croup": center - forward * 0.5 * length}
+    for side in ("left", "right"):
+        offset = behind if side == far else 0.0
+        # Leg angles in degrees from straight down, positive towards the head: the lower front leg swings back,
+        # the hock forward.
+        shoulder = joints["withers"] - up * 0.12 * length + offset
+        upper = _rotate(-up, -facing * rng.uniform(-25, 30))
+        lower = _rotate(upper, -facing * rng.uniform(-35, 10))
+        joints[f"{side}_shoulder"] = shoulder
+        joints[f"{side}_front_knee"] = shoulder + upper * 0.28 * length
+        joints[f"{side}_front_paw"] = joints[f"{side}_front_knee"] + lower * 0.27 * length
+        hip = joints["croup"] - up * 0.12 * length + offset
+        upper = _rotate(-up, -facing * rng.uniform(-30, 20))
+        lower = _rotate(upper, -facing * rng.uniform(-10, 40))
+        joints[f"{side}_hip"] = hip
+        joints[f"{side}_back_knee"] = hip + upper * 0.3 * length
+        joints[f"{side}_back_paw"] = joints[f"{side}_back_knee"] + lower * 0.27 * length
+    joints["neck"] = joints["withers"] + (up * 0.22 + forward * 0.08) * length
+    lift = -facing * rng.uniform(0, 50)  # the head raised above the neck's line
+    joints["head_center"] = joints["neck"] + _rotate(forward, lift) * 0.25 * length
+    nod = lift + facing * rng.uniform(-20, 30)
+    snout, crown = _rotate(forward, nod), _rotate(up, nod)
+    head = joints["head_center"]
+    joints["nose"] = head + snout * 0.17 * length
+    for side in ("left", "right"):
+        offset = behind * 0.4 if side == far else 0.0
+        joints[f"{side}_eye"] = head + (snout * 0.05 + crown * 0.05) * length + offset
+        joints[f"{side}_ear"] = head + (crown * 0.12 - snout * 0.05) * length + offset
+    joints["tail_base"] = joints["croup"] + (up * 0.06 - forward * 0.08) * length
+    joints["tail_tip"] = joints["tail_base"] + _rotate(-forward, facing * rng.uniform(-20, 60)) * 0.4 * length
+    return joints
+
+
+def _place_quadruped(rng: np.random.Generator, width: int, height: int, crowd: int) -> tuple[dict, float]:
+    length = width * rng.uniform(0.25, 0.45) / (1 + 0.15 * (crowd - 1))
+    center = np.array([rng.uniform(-0.05, 1.05) * width, rng.uniform(0.3, 0.75) * height])
+    return _quadruped(rng, center, length), length
+
+
+def _draw_quadruped(canvas: np.ndarray, joints: dict[str, np.ndarray], length: float) -> None:
+    """Far legs, trunk, near legs, head, then the markers, on an RGB canvas (or a single-channel mask)."""
+    mask = canvas.ndim == 2
+    near = "left" if joints["withers"][0] > joints["croup"][0] else "right"  # facing the image right: left side near
+
+    def point(name: str) -> tuple[int, int]:
+        return tuple(int(round(v)) for v in joints[name] * 4)  # 2 fractional bits for sub-pixel drawing
+
+    def line(a: str, b: str, rgb: tuple[int, int, int], width: float) -> None:
+        cv2.line(canvas, point(a), point(b), (255,) if mask else rgb, max(2, round(width)), cv2.LINE_AA, shift=2)
+
+    def legs(side: str) -> None:
+        for (a, b), colours in QUADRUPED_LEGS.items():
+            line(a.format(side=side), b.format(side=side), colours[side], 0.07 * length)
+
+    legs("right" if near == "left" else "left")
+    for (a, b), (rgb, width) in QUADRUPED_TRUNK.items():
+        line(a, b, rgb, width * length)
+    legs(near)
+    axes = (int(0.12 * length * 4), int(0.08 * length * 4))
+    center = tuple(int(round(v)) for v in joints["head_center"] * 4)
+    cv2.ellipse(canvas, center, axes, 0, 0, 360, (255,) if mask else (190, 140, 90), -1, cv2.LINE_AA, shift=2)
+    marker = max(2, round(0.035 * length))
+    for name, rgb in QUADRUPED_MARKERS.items():
+        radius = marker * 0.7 if name in SMALL_MARKERS else marker
+        cv2.circle(canvas, point(name), int(radius * 4), (255,) if mask else rgb, -1, cv2.LINE_AA, shift=2)
+
+
+# body name -> (place one in an image, draw it, the joints it has).
+BODIES = {
+    "person": (_place_person, _draw_person, set(MARKERS)),
+    "quadruped": (_place_quadruped, _draw_quadruped, set(QUADRUPED_MARKERS)),
+}
+
+
+def body_for(spec: KeypointSpec) -> str:
+    """The body whose joints include every keypoint of `spec`."""
+    for name, (_, _, joints) in BODIES.items():
+        if set(spec.keypoint_names) <= joints:
+            return name
+    raise ValueError(
+        f"the synthetic generator draws people (the coco and crowdpose keypoints) and quadrupeds "
+        f"({', '.join(QUADRUPED_MARKERS)}); keypoint set {spec.name!r} has keypoints neither body has"
+    )
 
 
 def render_sample(
     rng: np.random.Generator, spec: KeypointSpec, width: int, height: int
 ) -> tuple[np.ndarray, list[dict]]:
-    """One image (uint8 HxWx3 RGB) and its people as COCO-style dicts (bbox xywh, keypoints K*3, ...)."""
+    """One image (uint8 HxWx3 RGB) and its people (or animals) as COCO-style dicts (bbox xywh, keypoints K*3, ...)."""
+    place, draw, _ = BODIES[body_for(spec)]
     image = _background(rng, width, height)
     num_people = int(rng.choice(len(PEOPLE_PER_IMAGE), p=PEOPLE_PER_IMAGE)) + 1
     people = []
     for _ in range(num_people):
-        person_height = height * rng.uniform(0.45, 0.95) / (1 + 0.15 * (num_people - 1))
-        hip = np.array([rng.uniform(-0.05, 1.05) * width, rng.uniform(0.35, 0.8) * height + 0.1 * person_height])
-        joints = _skeleton(rng, hip, person_height)
+        joints, size = place(rng, width, height, num_people)
         mask = np.zeros((height, width), np.uint8)
-        _draw_person(mask, joints, person_height)
-        _draw_person(image, joints, person_height)
+        draw(mask, joints, size)
+        draw(image, joints, size)
         people.append((joints, mask))
 
     annotations = []
@@ -177,18 +305,20 @@ def crowd_index(annotations: list[dict]) -> float:
 def write_synthetic_dataset(
     out_dir: str | Path,
     num_images: int,
-    dataset: str = "coco",
+    dataset: str | KeypointSpec = "coco",
     seed: int = 0,
     image_size: int = 320,
     overwrite: bool = False,
 ) -> Path:
-    """Write `out_dir/images/*.jpg` and `out_dir/annotations.json`; returns the annotations path.
+    """Write `out_dir/images/*.jpg` and `out_dir/annotations.json` (plus `out_dir/keypoints.yaml` for a set that
+    is not built in) for a built-in set's name or a KeypointSpec; returns the annotations path.
 
     Built in a temporary sibling directory and renamed into place when complete, so an interrupted run
     leaves nothing at `out_dir`. Deterministic for a seed.
     """
     out_dir = Path(out_dir)
-    spec = get_spec(dataset)
+    spec = get_spec(dataset) if isinstance(dataset, str) else dataset
+    body_for(spec)  # fails before anything is written when no body has the set's keypoints
     if num_images < 1:
         raise ValueError(f"num_images must be >= 1, got {num_images}")
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
@@ -221,20 +351,35 @@ def _write_into(root: Path, spec: KeypointSpec, num_images: int, seed: int, imag
             raise RuntimeError(f"could not encode synthetic image {file_name}")
         (root / "images" / file_name).write_bytes(encoded.tobytes())
         record = {"id": image_id, "file_name": file_name, "width": width, "height": height}
-        if spec.name == "crowdpose":
+        if spec.evaluation == "crowdpose":
             record["crowdIndex"] = crowd_index(people)
         images.append(record)
         for person in people:
             person = {"id": len(annotations) + 1, "image_id": image_id, **person}
-            if spec.name == "coco":  # CrowdPose files carry no area; its evaluation uses 0.53 * w * h
+            if spec.evaluation != "crowdpose":  # CrowdPose files carry no area; its evaluation uses 0.53 * w * h
                 person["area"] = round(0.53 * person["bbox"][2] * person["bbox"][3], 2)
             annotations.append(person)
+    category_name = "person" if body_for(spec) == "person" else spec.name
     category = {
         "id": 1,
-        "name": "person",
-        "supercategory": "person",
+        "name": category_name,
+        "supercategory": category_name,
         "keypoints": list(spec.keypoint_names),
         "skeleton": [[a + 1, b + 1] for a, b in spec.skeleton],
     }
     content = {"images": images, "annotations": annotations, "categories": [category]}
     (root / "annotations.json").write_text(json.dumps(content))
+    if spec.name not in BUILTIN_SETS:
+        (root / "keypoints.yaml").write_text(keypoint_set_yaml(spec))
+
+
+def keypoint_set_yaml(spec: KeypointSpec) -> str:
+    """The small YAML a custom set needs beside its COCO-format file: what the file's category cannot hold."""
+    extras = spec.to_dict()
+    names = extras.pop("keypoints")
+    del extras["skeleton"]
+    extras["sigmas"] = dict(zip(names, spec.sigmas, strict=True))
+    header = "# Keypoint set of annotations.json: names and skeleton come from its category, the rest from here.\n"
+    return header + yaml.safe_dump(
+        {"annotations": "annotations.json", **extras}, sort_keys=False, default_flow_style=None
+    )

@@ -264,8 +264,12 @@ def _read_yaml(path: Path) -> dict[str, Any]:
 
 
 def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:
-    """Load and validate an experiment YAML (None = all defaults), then apply dotted overrides."""
+    """Load and validate an experiment YAML (None = all defaults), then apply dotted overrides. A relative
+    `model.keypoints` path is relative to the YAML that names it (on the command line: to the current directory)."""
     data = _read_yaml(Path(path)) if path is not None else {}
+    model = data.get("model")
+    if path is not None and isinstance(model, dict) and isinstance(model.get("keypoints"), str):
+        model["keypoints"] = str(Path(path).parent / model["keypoints"])  # an absolute path is kept by the join
     apply_overrides(data, overrides)
     _fill_local_outputs(data)
     return ExperimentConfig.from_dict(data)

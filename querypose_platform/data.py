@@ -11,7 +11,6 @@ import ray.data
 import torch
 from ray.data.collate_fn import NumpyBatchCollateFn
 
-from querypose.keypoints import get_spec
 from querypose.transforms import collate, has_people, people_arrays, test_resize, train_augment
 from querypose_platform.config import ExperimentConfig
 from querypose_platform.shards import shard_files
@@ -53,7 +52,7 @@ def _decode_and_transform(
 ) -> dict[str, np.ndarray]:
     """numpy batch of shard rows -> numpy batch of model-ready samples; undecodable rows come out invalid. Training
     leaves out images without a non-crowd person before decoding them (the manifest counts them)."""
-    spec = get_spec(cfg.model.dataset)
+    spec = cfg.model.spec
     data = cfg.data
     out: dict[str, list] = {"image_id": [], "image": [], "boxes": [], "keypoints": [], "scale": [], "valid": []}
     for image_id, encoded, people in zip(rows["image_id"], rows["image"], rows["people"], strict=True):

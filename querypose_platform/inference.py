@@ -13,7 +13,6 @@ import torch
 
 from querypose import build_model
 from querypose.engine import to_coco_results
-from querypose.keypoints import get_spec
 from querypose.weights import load_weights
 from querypose_platform.config import TrackingConfig
 from querypose_platform.data import collate_batch
@@ -33,7 +32,7 @@ class Predictor:
         self.model = build_model(model_cfg)
         self.model.load_state_dict(state)
         self.model.eval().to(device)
-        self.collate = functools.partial(collate_batch, num_keypoints=get_spec(model_cfg.dataset).num_keypoints)
+        self.collate = functools.partial(collate_batch, num_keypoints=model_cfg.spec.num_keypoints)
         self.device = torch.device(device)
 
     @torch.no_grad()

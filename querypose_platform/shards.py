@@ -1,6 +1,7 @@
-"""COCO / CrowdPose JSON + image folder -> Parquet shards (one row per image, encoded bytes) + manifest.json + a
-copy of the GT JSON. Built in a temporary sibling folder and renamed into place when complete; local paths and
-object-store URIs both go through pyarrow.fs."""
+"""COCO-format keypoint JSON + image folder -> Parquet shards (one row per image, encoded bytes) + manifest.json +
+a copy of the GT JSON. The manifest records the keypoint set (built in, or custom from its YAML) in full. Built in
+a temporary sibling folder and renamed into place when complete; local paths and object-store URIs both go
+through pyarrow.fs."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from querypose.keypoints import get_spec
+from querypose.keypoints import KeypointSpec, get_spec
 from querypose.transforms import has_people
 from querypose_platform.config import ExperimentConfig, SyntheticConfig
 
@@ -124,11 +125,11 @@ def _image_problem(data: bytes | None) -> str | None:
     return "does not decode as an image" if decoded is None else None
 
 
-def _people_rows(annotations: list[dict], dataset: str) -> list[dict]:
+def _people_rows(annotations: list[dict], crowdpose_area: bool) -> list[dict]:
     rows = []
     for a in annotations:
         area = a.get("area")
-        if area is None and dataset == "crowdpose":
+        if area is None and crowdpose_area:
             area = CROWDPOSE_AREA_FACTOR * a["bbox"][2] * a["bbox"][3]
         keypoints = [float(v) for v in a["keypoints"]]
         rows.append(
@@ -159,7 +160,7 @@ class _Progress:
 
 
 def convert(
-    dataset: str,
+    keypoint_set: str | KeypointSpec,
     annotations: str | Path,
     images: str | Path,
     out_uri: str,
@@ -167,8 +168,9 @@ def convert(
     overwrite: bool = False,
     progress: bool = False,
 ) -> dict[str, Any]:
-    """Write the shard set; returns its manifest. A finished output is left alone unless `overwrite`."""
-    spec = get_spec(dataset)
+    """Write the shard set of a built-in set's name or a KeypointSpec; returns its manifest. A finished output is
+    left alone unless `overwrite`. Annotations of another category than the file's keypoint category are skipped."""
+    spec = get_spec(keypoint_set) if isinstance(keypoint_set, str) else keypoint_set
     annotations, images = Path(annotations), Path(images)
     if not annotations.is_file():
         raise FileNotFoundError(f"annotations file {annotations} does not exist")
@@ -184,11 +186,14 @@ def convert(
     for key in ("images", "annotations"):
         if not isinstance(content.get(key), list):
             raise ValueError(f"annotations file {annotations}: field {key!r} is missing or not a list")
+    category = _keypoint_category(content, spec, annotations)
 
     people: dict[int, list[dict]] = defaultdict(list)
     skipped_annotations = []
     for a in content["annotations"]:
         problem = _person_problem(a, spec.num_keypoints)
+        if problem is None and a.get("category_id", category["id"]) != category["id"]:
+            problem = f"category_id {a['category_id']} is not the keypoint category {category['id']}"
         if problem:
             skipped_annotations.append({"id": a.get("id"), "image_id": a.get("image_id"), "reason": problem})
         else:
@@ -197,7 +202,8 @@ def convert(
     staging = f"{root}.tmp-{uuid.uuid4().hex[:8]}"
     fs.create_dir(staging, recursive=True)
     try:
-        manifest = _write_shards(fs, staging, content, people, images, dataset, shard_mb, progress)
+        manifest = _write_shards(fs, staging, content, people, images, spec, shard_mb, progress)
+        manifest["category"] = category
         manifest["skipped_annotations"] = skipped_annotations
         manifest["source"] = {"annotations": str(annotations), "images": str(images)}
         with fs.open_output_stream(f"{staging}/{GT_JSON}") as stream:
@@ -219,7 +225,31 @@ def convert(
     return manifest
 
 
-def _write_shards(fs, staging, content, people, images: Path, dataset: str, shard_mb: float, progress: bool):
+def _keypoint_category(content: dict, spec: KeypointSpec, path: Path) -> dict:
+    """The file's keypoint category (id, name, supercategory), checked against the keypoint set's names."""
+    categories = [c for c in content.get("categories") or [] if isinstance(c, dict) and c.get("keypoints")]
+    if len(categories) > 1:
+        raise ValueError(f"annotations file {path}: categories: {len(categories)} list keypoints; QueryPose needs one")
+    if not categories:  # a file without a category: the set alone says what its keypoints are
+        return {"id": 1, "name": "person", "supercategory": "person"}
+    category = categories[0]
+    if list(category["keypoints"]) != list(spec.keypoint_names):
+        raise ValueError(
+            f"annotations file {path}: categories: keypoints {category['keypoints']} are not those of keypoint set "
+            f"{spec.name!r} ({list(spec.keypoint_names)})"
+        )
+    return {key: category.get(key) for key in ("id", "name", "supercategory")}
+
+
+def manifest_spec(manifest: dict[str, Any]) -> KeypointSpec:
+    """The keypoint set a shard set was converted with (older manifests name a built-in set only)."""
+    recorded = manifest.get("keypoints", {}).get("spec")
+    if isinstance(recorded, dict):
+        return KeypointSpec.from_dict(recorded, f"{MANIFEST}: keypoints.spec")
+    return get_spec(manifest["dataset"])
+
+
+def _write_shards(fs, staging, content, people, images: Path, spec: KeypointSpec, shard_mb: float, progress: bool):
     limit = shard_mb * 1024 * 1024
     shards: list[dict] = []
     skipped_images: list[dict] = []
@@ -263,7 +293,7 @@ def _write_shards(fs, staging, content, people, images: Path, dataset: str, shar
                 "height": int(record.get("height", 0)),
                 "image": data,
                 "crowd_index": float(crowd_index) if crowd_index is not None else None,
-                "people": _people_rows(annotations, dataset),
+                "people": _people_rows(annotations, crowdpose_area=spec.evaluation == "crowdpose"),
             }
         )
         num_images += 1
@@ -275,10 +305,14 @@ def _write_shards(fs, staging, content, people, images: Path, dataset: str, shar
         bar.update(done)
     flush()
     bar.close()
-    spec = get_spec(dataset)
     return {
-        "dataset": dataset,
-        "keypoints": {"spec": dataset, "num_keypoints": spec.num_keypoints, "names": list(spec.keypoint_names)},
+        "dataset": spec.name,
+        "keypoints": {
+            "name": spec.name,
+            "num_keypoints": spec.num_keypoints,
+            "names": list(spec.keypoint_names),
+            "spec": spec.to_dict(),
+        },
         "num_images": num_images,
         "num_people": num_people,
         # Images without a non-crowd person: kept for validation, left out of training (data.py).
@@ -291,7 +325,8 @@ def _write_shards(fs, staging, content, people, images: Path, dataset: str, shar
 def read_annotations(uri: str) -> dict[str, Any]:
     """The COCO-format dict (images, annotations, categories) rebuilt from the shards alone."""
     manifest = read_manifest(uri)
-    spec = get_spec(manifest["dataset"])
+    spec = manifest_spec(manifest)
+    category = manifest.get("category") or {"id": 1, "name": "person"}
     images, annotations = [], []
     for file in shard_files(uri):
         fs, path = _filesystem(file)
@@ -308,12 +343,13 @@ def read_annotations(uri: str) -> dict[str, Any]:
             if row["crowd_index"] is not None:
                 image["crowdIndex"] = row["crowd_index"]
             images.append(image)
-            annotations.extend({**person, "image_id": row["image_id"], "category_id": 1} for person in row["people"])
+            annotations.extend(
+                {**person, "image_id": row["image_id"], "category_id": category["id"]} for person in row["people"]
+            )
     category = {
-        "id": 1,
-        "name": "person",
+        **category,
         "keypoints": list(spec.keypoint_names),
-        "skeleton": [list(e) for e in spec.skeleton],
+        "skeleton": [[a + 1, b + 1] for a, b in spec.skeleton],  # 1-based, as in COCO files
     }
     return {"images": images, "annotations": annotations, "categories": [category]}
 
@@ -323,13 +359,14 @@ def ensure_synthetic_shards(cfg: ExperimentConfig) -> None:
     from querypose.synthetic import write_synthetic_dataset
 
     settings = cfg.data.synthetic or SyntheticConfig()
+    spec = cfg.model.spec
     splits = ((cfg.data.train_split, settings.train_images, settings.seed),
               (cfg.data.val_split, settings.val_images, settings.seed + 1))  # fmt: skip  # val: held-out people
     for split, count, seed in splits:
         uri = cfg.data.split_uri(split)
         if has_manifest(uri):
             continue
-        raw = Path(cfg.data.root).parent / "raw" / f"{cfg.model.dataset}_{split}_{count}x{settings.image_size}_s{seed}"
+        raw = Path(cfg.data.root).parent / "raw" / f"{spec.name}_{split}_{count}x{settings.image_size}_s{seed}"
         if not (raw / "annotations.json").is_file():
-            write_synthetic_dataset(raw, count, dataset=cfg.model.dataset, seed=seed, image_size=settings.image_size)
-        convert(cfg.model.dataset, raw / "annotations.json", raw / "images", uri)
+            write_synthetic_dataset(raw, count, dataset=spec, seed=seed, image_size=settings.image_size)
+        convert(spec, raw / "annotations.json", raw / "images", uri)

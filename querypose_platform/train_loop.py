@@ -30,7 +30,6 @@ from querypose import build_model
 from querypose.criterion import SetCriterion
 from querypose.engine import to_coco_results, train_step, unwrap
 from querypose.evaluation import METRIC_NAMES, evaluate_keypoints
-from querypose.keypoints import get_spec
 from querypose.optim import build_optimizer, build_scheduler
 from querypose.weights import read_tensor_file, save_weights
 from querypose_platform import plots
@@ -75,8 +74,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     elif logger is not None:
         logger.client.set_tag(run_id, "querypose.resumed_from_iteration", str(start_iteration))
 
-    num_keypoints = get_spec(cfg.model.dataset).num_keypoints
-    collate = BatchCollator(num_keypoints)
+    collate = BatchCollator(cfg.model.spec.num_keypoints)
     batches = endless_batches(ray.train.get_dataset_shard("train"), cfg.per_worker_batch_size, collate, cfg.train.seed)
     val_shard = ray.train.get_dataset_shard(val_dataset_name(rank))
     window = StepWindow()
@@ -139,7 +137,7 @@ def report(iteration, metrics, latest_eval, model, optimizer, scheduler, cfg, ru
     reported = {
         "iteration": iteration,
         **metrics,
-        **dict.fromkeys(METRIC_NAMES[cfg.model.dataset], math.nan),
+        **dict.fromkeys(METRIC_NAMES[cfg.model.spec.evaluation], math.nan),
         **latest_eval,
     }
     due = iteration % cfg.train.checkpoint_every == 0 or iteration == cfg.train.max_iters
@@ -274,7 +272,7 @@ def evaluate_distributed(
     metrics = [{}]
     if rank == 0:
         gt = gt_json_path(cfg.data.split_uri(cfg.data.val_split))
-        metrics = [evaluate_keypoints(gt, records, cfg.model.dataset)]
+        metrics = [evaluate_keypoints(gt, records, cfg.model.spec)]
     if world > 1:
         dist.broadcast_object_list(metrics, src=0)
     return metrics[0], records
@@ -331,7 +329,7 @@ def attention_picture(model, val_shard, collate, cfg: ExperimentConfig):
             return None
         height, width = batch.image_sizes[0].tolist()
         image = batch.images[0, :, :height, :width].permute(1, 2, 0).cpu().numpy().astype(np.uint8)
-        spec = get_spec(cfg.model.dataset)
+        spec = cfg.model.spec
         part_names = ["+".join(spec.keypoint_names[k] for k in part) for part in spec.parts(cfg.model.part_scheme)]
         return plots.attention_figure(image, result["boxes"][0].cpu(), result["attention"][0].cpu(), part_names)
     return None

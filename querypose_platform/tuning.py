@@ -18,7 +18,7 @@ from querypose_platform.config import ExperimentConfig
 from querypose_platform.tracking import RunLogger, client_for, finish_run, flatten, open_run
 from querypose_platform.trainer import fit
 
-TABLE_COLUMNS = {
+TABLE_COLUMNS = {  # by evaluation protocol
     "coco": ("AP", "AP50", "AP75", "APm", "APl"),
     "crowdpose": ("AP", "AP50", "AP75", "APe", "APm", "APh"),
 }
@@ -134,7 +134,7 @@ def results_rows(cfg: ExperimentConfig, parent_run_id: str) -> list[dict[str, An
         run = by_key.get(cell_key(cell))
         row: dict[str, Any] = {"cell": cell_key(cell), "run_id": run.info.run_id if run else "", **cell}
         row["status"] = run.info.status if run else "MISSING"
-        for name in METRIC_NAMES[cfg.model.dataset]:
+        for name in METRIC_NAMES[cfg.model.spec.evaluation]:
             if run is not None and f"val/{name}" in run.data.metrics:
                 row[name] = run.data.metrics[f"val/{name}"]
         rows.append(row)
@@ -165,7 +165,7 @@ def table_csv(rows: list[dict[str, Any]], columns: tuple[str, ...]) -> str:
 def log_results_table(cfg: ExperimentConfig, parent_run_id: str) -> tuple[list[dict[str, Any]], str]:
     """The paper-layout table (rows = cells, AP columns in %) on the parent run as CSV, markdown and bars."""
     rows = results_rows(cfg, parent_run_id)
-    columns = TABLE_COLUMNS[cfg.model.dataset]
+    columns = TABLE_COLUMNS[cfg.model.spec.evaluation]
     markdown = table_markdown(rows, columns)
     logger = RunLogger(cfg.tracking, parent_run_id)
     logger.log_text(markdown + "\n", "results/table.md")

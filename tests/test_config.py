@@ -56,6 +56,10 @@ def test_yaml_and_dotted_overrides(tmp_path):
         (["tune.axes.part_dim=[]"], "tune.axes.part_dim: an axis needs at least one value"),
         (["tune.cells=[{part_dim: 48}]"], "tune cell 0 {'part_dim': 48}: model.part_dim: 48 is not allowed"),
         (["model"], "expected dotted.key=value"),
+        (["model.dataset=custom"], "model.keypoints: missing: model.dataset=custom needs its keypoint set"),
+        (["model.keypoints=set.yaml"], "model.keypoints: given, but model.dataset='coco' is a built-in"),
+        (["model.dataset=custom", "model.keypoints=nope.yaml"], "model.keypoints: keypoint set file nope.yaml"),
+        (["model.dataset=crowdpose", "model.part_scheme=limbs6"], "model.part_scheme: 'limbs6' is not allowed"),
     ],
 )
 def test_bad_values_name_the_key(overrides, message):
@@ -157,3 +161,22 @@ def test_bad_config_fails_before_anything_heavy_is_imported():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
     assert result.stdout.splitlines() == [result.stdout.splitlines()[0], "[]"]
     assert result.stdout.startswith("model.x: unknown key")
+
+
+def test_a_custom_keypoint_set_is_read_once_and_travels_as_a_mapping(tmp_path):
+    """model.keypoints in a YAML is relative to that YAML; once loaded, the config (what MLflow logs, Ray workers
+    and weights files get) holds the whole set, so nothing needs the file again."""
+    quadruped = REPO / "experiments" / "configs" / "keypoints" / "quadruped.yaml"
+    (tmp_path / "sets").mkdir()
+    (tmp_path / "sets" / "animals.yaml").write_text(quadruped.read_text())
+    (tmp_path / "exp").mkdir()
+    path = tmp_path / "exp" / "exp.yaml"
+    path.write_text("model:\n  dataset: custom\n  keypoints: ../sets/animals.yaml\n  part_scheme: limbs6\n")
+    cfg = load_config(path)
+    assert cfg.model.spec.name == "quadruped" and cfg.model.spec.num_keypoints == 20
+    assert cfg.model.keypoints == cfg.model.spec.to_dict()
+    (tmp_path / "sets" / "animals.yaml").unlink()
+    again = ExperimentConfig.from_dict(__import__("yaml").safe_load(cfg.to_yaml()))
+    assert again == cfg and again.model.spec == cfg.model.spec
+    with pytest.raises(ConfigError, match="model.part_scheme: 'rigid7' is not allowed; allowed values: 'limbs6'"):
+        load_config(None, ["model.dataset=custom", f"model.keypoints={quadruped}"])

@@ -1,4 +1,5 @@
 import contextlib
+import dataclasses
 import io
 import json
 
@@ -133,3 +134,25 @@ def test_missing_field_and_bad_dataset(fixtures_dir):
         evaluate_keypoints(gt, [], "mpii")
     with pytest.raises(FileNotFoundError, match="nope.json"):
         evaluate_keypoints(gt.parent / "nope.json", [], "coco")
+
+
+def test_a_custom_set_is_scored_with_its_own_sigmas_and_category(tmp_path):
+    """A quadruped file whose category id is 7: predictions take that category, and OKS uses the set's sigmas
+    (the same 2-pixel error scores lower with sigmas a fifth as large)."""
+    from pathlib import Path
+
+    from querypose.keypoints import load_keypoint_set
+    from querypose.synthetic import write_synthetic_dataset
+
+    spec = load_keypoint_set(Path(__file__).resolve().parents[1] / "experiments/configs/keypoints/quadruped.yaml")
+    gt = write_synthetic_dataset(tmp_path / "q", 6, spec, seed=1, image_size=128)
+    content = json.loads(gt.read_text())
+    content["categories"][0]["id"] = 7
+    for annotation in content["annotations"]:
+        annotation["category_id"] = 7
+    gt.write_text(json.dumps(content))
+    perfect = _gt_as_predictions(gt)
+    assert evaluate_keypoints(gt, perfect, spec)["AP"] == 1.0
+    shifted = [{**r, "keypoints": [v + 2.0 * (i % 3 < 2) for i, v in enumerate(r["keypoints"])]} for r in perfect]
+    narrow = dataclasses.replace(spec, sigmas=tuple(s / 5 for s in spec.sigmas))
+    assert evaluate_keypoints(gt, shifted, narrow)["AP"] < evaluate_keypoints(gt, shifted, spec)["AP"]

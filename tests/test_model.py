@@ -191,7 +191,7 @@ def test_part_state_stays_with_its_query():
     exactly its own row's update (the authors' code pairs rows positionally instead)."""
     model = build_model(TINY).eval()  # eval: SPEGM's BatchNorm would otherwise mix statistics across RoIs
     images, image_sizes, targets = _batch()
-    features = model._features(images, image_sizes)
+    features = model._features(model.normalise(images), image_sizes)
     boxes, instance, parts = model._initial_state(image_sizes)
     parts = parts + torch.randn_like(parts)  # distinct state per query
     batch_index = torch.tensor([0, 1])

@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import subprocess
 import sys
@@ -8,8 +9,10 @@ import pytest
 
 from querypose import synthetic
 from querypose.evaluation import evaluate_keypoints
-from querypose.keypoints import COCO, CROWDPOSE
+from querypose.keypoints import COCO, CROWDPOSE, load_keypoint_set
 from querypose.synthetic import render_sample, write_synthetic_dataset
+
+QUADRUPED = load_keypoint_set(Path(__file__).resolve().parents[1] / "experiments/configs/keypoints/quadruped.yaml")
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +30,7 @@ def test_deterministic_for_a_seed(tmp_path, coco_set):
     assert other.read_bytes() != coco_set.read_bytes()
 
 
-@pytest.mark.parametrize("spec", [COCO, CROWDPOSE], ids=["coco", "crowdpose"])
+@pytest.mark.parametrize("spec", [COCO, CROWDPOSE, QUADRUPED], ids=["coco", "crowdpose", "quadruped"])
 def test_annotations_are_consistent(spec):
     rng = np.random.default_rng(0)
     for _ in range(20):
@@ -48,21 +51,40 @@ def test_annotations_are_consistent(spec):
             assert (labelled[:, 1] >= y - 1e-3).all() and (labelled[:, 1] <= y + h + 1e-3).all()
 
 
-def test_keypoints_are_visible_in_the_pixels():
+@pytest.mark.parametrize(
+    ("spec", "markers"),
+    [(COCO, synthetic.MARKERS), (QUADRUPED, synthetic.QUADRUPED_MARKERS)],
+    ids=["coco", "quadruped"],
+)
+def test_keypoints_are_visible_in_the_pixels(spec, markers):
     """Each visible keypoint sits on its own marker colour, so the pixels there are that colour."""
     rng = np.random.default_rng(1)
     hits = total = 0
     for _ in range(10):
-        image, people = render_sample(rng, COCO, 320, 320)
+        image, people = render_sample(rng, spec, 320, 320)
         for person in people:
             kp = np.array(person["keypoints"]).reshape(-1, 3)
-            for name, (x, y, v) in zip(COCO.keypoint_names, kp, strict=True):
+            for name, (x, y, v) in zip(spec.keypoint_names, kp, strict=True):
                 if v != 2:
                     continue
                 total += 1
                 pixel = image[int(y), int(x)].astype(int)
-                hits += np.abs(pixel - np.array(synthetic.MARKERS[name])).max() < 60
+                hits += np.abs(pixel - np.array(markers[name])).max() < 60
     assert total > 50 and hits / total > 0.8
+
+
+def test_quadrupeds_come_with_their_keypoint_set(tmp_path):
+    """A custom set's dataset is a COCO-format file (names, 1-based skeleton in its category) plus keypoints.yaml
+    (sigmas, flip pairs, parts): together they give back the set it was drawn with."""
+    path = write_synthetic_dataset(tmp_path / "q", 6, QUADRUPED, seed=0, image_size=128)
+    category = json.loads(path.read_text())["categories"][0]
+    assert category["name"] == "quadruped" and category["keypoints"] == list(QUADRUPED.keypoint_names)
+    assert category["skeleton"] == [[a + 1, b + 1] for a, b in QUADRUPED.skeleton]
+    assert load_keypoint_set(path.parent / "keypoints.yaml") == QUADRUPED
+    fish = dataclasses.replace(CROWDPOSE, keypoint_names=("fin", *CROWDPOSE.keypoint_names[1:]))
+    with pytest.raises(ValueError, match="draws people .* and quadrupeds"):
+        write_synthetic_dataset(tmp_path / "x", 1, fish)
+    assert not (tmp_path / "x").exists()
 
 
 def test_occlusion_and_truncation_are_labelled():
@@ -86,9 +108,9 @@ def test_crowdpose_files_look_like_the_real_ones(tmp_path):
     assert data["categories"][0]["skeleton"] == [[a + 1, b + 1] for a, b in CROWDPOSE.skeleton]
 
 
-@pytest.mark.parametrize("dataset", ["coco", "crowdpose"])
+@pytest.mark.parametrize("dataset", ["coco", "crowdpose", QUADRUPED], ids=["coco", "crowdpose", "quadruped"])
 def test_ground_truth_as_predictions_scores_one(tmp_path, dataset):
-    path = write_synthetic_dataset(tmp_path / dataset, 8, dataset, seed=5, image_size=160)
+    path = write_synthetic_dataset(tmp_path / "set", 8, dataset, seed=5, image_size=160)
     data = json.loads(path.read_text())
     preds = [{"image_id": a["image_id"], "keypoints": a["keypoints"], "score": 1.0} for a in data["annotations"]]
     metrics = evaluate_keypoints(path, preds, dataset)
