@@ -54,7 +54,7 @@ class Backbone(nn.Module):
         self.body = create_body(cfg, timm_name, out_indices, kwargs)
         if norm == "frozen_bn":
             self.body = freeze_batch_norm_2d(self.body)
-        if norm is not None and cfg.has_backbone_weights:  # detectron2's FREEZE_AT, for pretrained ResNets
+        if norm == "frozen_bn" or (norm is not None and cfg.has_backbone_weights):  # detectron2's FREEZE_AT
             self._freeze(cfg.freeze_backbone_at)
         self.channels = self.body.feature_info.channels()
         self.fpn = FeaturePyramidNetwork(self.channels, cfg.hidden_dim)
