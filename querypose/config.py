@@ -64,7 +64,9 @@ class ModelConfig:
     # first `freeze_backbone_at` stages frozen); group_norm trains from scratch (He et al., "Rethinking ImageNet
     # Pre-training") and is batch-size independent. auto = frozen_bn with backbone_weights, group_norm without.
     backbone_norm: BackboneNorm = "auto"
-    freeze_backbone_at: int = 2  # detectron2's FREEZE_AT: stem + stages frozen (5 = all), frozen_bn or pretrained ResNets
+    freeze_backbone_at: int = (
+        2  # detectron2's FREEZE_AT: stem + stages frozen (5 = all), frozen_bn or pretrained ResNets
+    )
 
     # Widths. The paper's values; tests and CPU demos shrink them.
     hidden_dim: int = 256
