@@ -86,6 +86,8 @@ def build_tuner(cfg: ExperimentConfig, parent_run_id: str, cells: list[dict[str,
             name=cfg.run.name,
             storage_path=cfg.run.storage_path,
             failure_config=tune.FailureConfig(max_failures=cfg.run.max_failures),
+            # Status tables only: each result is in MLflow, and rank 0 prints a progress line per log interval.
+            verbose=1,
         ),
     )
 
@@ -167,10 +169,10 @@ def log_results_table(cfg: ExperimentConfig, parent_run_id: str) -> tuple[list[d
     rows = results_rows(cfg, parent_run_id)
     columns = TABLE_COLUMNS[cfg.model.dataset]
     markdown = table_markdown(rows, columns)
-    logger = RunLogger(cfg.tracking, parent_run_id)
-    logger.log_text(markdown + "\n", "results/table.md")
-    logger.log_text(table_csv(rows, columns), "results/table.csv")
-    logger.log_figure(plots.results_bar_figure(rows, list(columns)), "results/table.png")
+    with RunLogger(cfg.tracking, parent_run_id) as logger:
+        logger.log_text(markdown + "\n", "results/table.md")
+        logger.log_text(table_csv(rows, columns), "results/table.csv")
+        logger.log_figure(plots.results_bar_figure(rows, list(columns)), "results/table.png")
     return rows, markdown
 
 
