@@ -26,6 +26,7 @@ import ray.train
 import ray.train.torch
 import torch
 import torch.distributed as dist
+from ray.train.v2._internal.execution import context as train_context
 
 from querypose import build_model
 from querypose.criterion import SetCriterion
@@ -46,7 +47,6 @@ TRACKING_FOLDER = "tracking"  # in a checkpoint: what rank 0 had not sent to MLf
 EVAL_BATCH_SIZE = 4
 FAULT_GRACE_S = 5.0
 ERROR_FLUSH_S = 10.0
-REPORT_LOGGER = "ray.train.v2._internal.execution.context"
 
 
 def val_dataset_name(rank: int) -> str:
@@ -59,7 +59,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     cfg = ExperimentConfig.from_dict(config["experiment"])
     # Ray Train logs every report's dict at INFO ("Reporting training result ..."): hundreds of console lines
     # repeating what MLflow holds; rank 0's progress line stands for them.
-    logging.getLogger(REPORT_LOGGER).setLevel(logging.WARNING)
+    train_context.logger.setLevel(logging.WARNING)
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
