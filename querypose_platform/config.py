@@ -194,6 +194,9 @@ class RunConfig:
     storage_path: str = str(PROJECT_ROOT / "ray_results")
     max_failures: int = 2
     num_to_keep: int = 2
+    # Local paths in data.root and run.storage_path are on storage every node mounts at the same place (NFS):
+    # allowed on a multi-node cluster, where a local path is otherwise refused.
+    shared_filesystem: bool = False
 
 
 @dataclass(frozen=True)
@@ -248,15 +251,21 @@ def is_local_tracking(uri: str) -> bool:
 
 def check_multinode(cfg: ExperimentConfig, num_nodes: int) -> None:
     """On a cluster of several nodes every path must mean the same data on each of them: a local path or a
-    SQLite file would be a different (or missing) file on each node."""
+    SQLite file would be a different (or missing) file on each node. SQLite stays refused on a shared mount too
+    (its locking is not safe over NFS)."""
     if num_nodes <= 1:
         return
     why = f"the Ray cluster has {num_nodes} nodes and each would see its own disk"
     if is_local_tracking(cfg.tracking.uri):
         raise ConfigError(f"tracking.uri: {cfg.tracking.uri} is local to one node, but {why}; give an MLflow server")
+    if cfg.run.shared_filesystem:
+        return
     for key, value in (("run.storage_path", cfg.run.storage_path), ("data.root", cfg.data.root)):
         if not is_uri(value):
-            raise ConfigError(f"{key}: {value} is a local path, but {why}; give an object-store URI (s3://, gs://)")
+            raise ConfigError(
+                f"{key}: {value} is a local path, but {why}; give an object-store URI (s3://, gs://), or set "
+                "run.shared_filesystem=true if every node mounts it at the same place"
+            )
 
 
 def _check_grid_key(key: str, where: str) -> None:

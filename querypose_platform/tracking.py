@@ -454,9 +454,3 @@ def _short(error: BaseException) -> str:
 
 def _now_ms() -> int:
     return int(time.time() * 1000)
-
-
-def download_run_file(tracking: TrackingConfig, run_id: str, artifact_path: str) -> Path:
-    """Download one artifact of a run into a temporary folder; returns its local path."""
-    target = Path(tempfile.mkdtemp(prefix="querypose-artifact-"))
-    return Path(client_for(tracking).download_artifacts(run_id, artifact_path, str(target)))

@@ -152,6 +152,9 @@ def test_a_multinode_cluster_needs_paths_every_node_sees(monkeypatch):
     with pytest.raises(ConfigError, match="data.root: .* is a local path"):
         check_multinode(load_config(None, [*server, "run.storage_path=s3://b/results"]), num_nodes=3)
     check_multinode(load_config(None, [*server, "run.storage_path=s3://b/r", "data.root=gs://b/shards"]), 3)
+    check_multinode(load_config(None, [*server, "run.shared_filesystem=true"]), 3)  # an NFS mount on every node
+    with pytest.raises(ConfigError, match="tracking.uri"):
+        check_multinode(load_config(None, ["run.shared_filesystem=true"]), 3)
 
 
 def test_yaml_round_trip():
