@@ -10,11 +10,13 @@ talks to MLflow. A retried or resumed attempt restores model, optimiser, schedul
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import logging
 import math
 import os
 import signal
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -320,10 +322,25 @@ def evaluate_distributed(
     metrics = [{}]
     if rank == 0:
         gt = gt_json_path(cfg.data.split_uri(cfg.data.val_split))
-        metrics = [evaluate_keypoints(gt, records, cfg.model.dataset)]
+        with quiet():  # pycocotools prints ~20 lines per evaluation
+            metrics = [evaluate_keypoints(gt, records, cfg.model.dataset)]
     if world > 1:
         dist.broadcast_object_list(metrics, src=0)
     return metrics[0], records
+
+
+@contextlib.contextmanager
+def quiet():
+    """Swallow what a library prints. Ray Train's workers patch `print` to log every line on the root logger
+    at INFO as well as writing it to a redirected stdout, so both are muted for the block."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.WARNING)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        root.setLevel(level)
 
 
 def inject_fault(cfg: ExperimentConfig, iteration: int, start_iteration: int, rank: int, world: int) -> None:
@@ -357,8 +374,9 @@ class Progress:
     def line(self, iteration: int, metrics: dict[str, float]) -> None:
         rate = (iteration - self.start_iteration) / max(time.perf_counter() - self.started, 1e-9)
         eta = (self.max_iters - iteration) / max(rate, 1e-9)
+        # To the process's own stdout: Ray Train's patched print would write the line twice (stdout and log).
         print(f"[{self.name}] iter {iteration}/{self.max_iters}  loss {metrics['loss']:.3f}  "
-              f"{metrics['images_per_s']:.1f} img/s  ETA {_duration(eta)}", flush=True)  # fmt: skip
+              f"{metrics['images_per_s']:.1f} img/s  ETA {_duration(eta)}", file=sys.__stdout__, flush=True)  # fmt: skip
 
 
 def _duration(seconds: float) -> str:
