@@ -114,6 +114,7 @@ def test_grid_runs_as_a_ray_job_on_a_local_head(tmp_path):
     env.pop("RAY_ADDRESS", None)
     # token auth on, with a token of the test's own for head and client alike (README: shared clusters)
     env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32))
+    env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # README: else Ray swaps 127.0.0.1 for the routable address
     port, dashboard = _free_port(), _free_port()
     # every listening port of the head picked free: the defaults may be held by another Ray on this machine
     agent_ports = [f"--{name}={_free_port()}" for name in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
