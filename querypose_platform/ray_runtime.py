@@ -21,11 +21,9 @@ LOOPBACK = "127.0.0.1"
 
 
 def init_ray(**options) -> None:
-    """Connect to RAY_ADDRESS's cluster, or start a local Ray in this process. The local one advertises
-    127.0.0.1 and, where Ray lets it choose, listens there only (dashboard, dashboard agent). Ray 2.60's GCS,
-    raylet, object manager and worker gRPC servers always listen on every interface; the cluster token (Ray
-    turns token auth on for a local Ray) is what keeps other machines' and users' clients out, so the token
-    file is made readable by the user alone."""
+    """Connect to RAY_ADDRESS's cluster, or start a local Ray in this process. The local one is private: its
+    node address is 127.0.0.1, so its GCS, raylet, workers, agents and dashboard listen on loopback only, and
+    the token that Ray's token auth (on by default for a local Ray) checks is in a file only the user reads."""
     if ray.is_initialized():
         return
     if os.environ.get("RAY_ADDRESS"):
@@ -35,7 +33,7 @@ def init_ray(**options) -> None:
     # ray.init turns a loopback _node_ip_address into the machine's routable address unless Ray believes
     # multi-node clusters are off (its macOS/Windows default, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, read when
     # ray is imported): only for this call, so that processes started later (`ray start --address`) are not
-    # affected. With a loopback node address the agents bind 127.0.0.1 and the GCS is advertised there.
+    # affected. Every Ray server binds the node address it is given.
     with mock.patch.object(ray_constants, "ENABLE_RAY_CLUSTER", False):
         ray.init(
             address="local",
