@@ -351,6 +351,7 @@ def test_the_local_ray_is_private(ray_local, tmp_path):
     # a client without the token (no RAY_AUTH_*, no ~/.ray/auth_token); Ray's own switch keeps it on loopback
     env = {key: value for key, value in os.environ.items() if not key.startswith("RAY_")}
     env.update(HOME=str(tmp_path), RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")
+    env["RAY_gcs_server_port_wait_time_s"] = "1"  # one attempt: Ray tries a refused connection for 20 s
     code = f"import ray\nray.init(address={address!r}, log_to_driver=False)\nprint('connected')"
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode != 0 and "connected" not in done.stdout
