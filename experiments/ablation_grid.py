@@ -44,8 +44,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
 
-    from querypose_platform.ray_runtime import init_ray
+    from querypose_platform.ray_runtime import check_cluster, init_ray
     from querypose_platform.shards import ensure_synthetic_shards
+    from querypose_platform.tracking import where_to_look
     from querypose_platform.tuning import (
         close_parent,
         log_results_table,
@@ -57,6 +58,11 @@ def main(argv: list[str] | None = None) -> int:
     cells = cfg.tune.grid_cells()
     print(f"[grid] {cfg.run.name}: {len(cells)} cells, metric {cfg.tune.metric} ({cfg.tune.mode})", flush=True)
     init_ray()
+    try:
+        check_cluster(cfg)  # before any run is opened: a path that cannot work on this cluster names its key
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     if cfg.data.synthetic is not None:
         ensure_synthetic_shards(cfg)  # once, before the trials race to create it
     parent_run_id = open_parent_run(cfg)
@@ -77,8 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     uri = register_best(cfg, rows)
     if uri:
         print(f"[grid] best cell registered as {uri}")
-    print(f"[grid] compare the runs: make mlflow-ui, then open http://127.0.0.1:5000 (experiment "
-          f"{cfg.tracking.experiment!r}, parent run {cfg.run.name!r})")  # fmt: skip
+    print(f"[grid] compare the runs under the parent run {cfg.run.name!r}; {where_to_look(cfg.tracking)}")
     return 1 if errors else 0
 
 

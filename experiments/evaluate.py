@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     from querypose_platform.inference import predict_dataset, resolve_weights
     from querypose_platform.ray_runtime import init_ray
     from querypose_platform.shards import gt_json_path, read_manifest
-    from querypose_platform.tracking import SOURCE_RUN_TAG, RunLogger, finish_run, open_run
+    from querypose_platform.tracking import SOURCE_RUN_TAG, RunLogger, open_run
 
     try:
         weights, source_run = resolve_weights(args.weights or args.run_id, cfg.tracking)
@@ -84,11 +84,11 @@ def main(argv: list[str] | None = None) -> int:
     run_id = open_run(cfg.tracking, run_key, f"eval-{args.split}", params={
         "weights": args.weights or args.run_id, "data": shards, "split": args.split, "dataset": model_cfg.spec.name,
     }, tags=tags)  # fmt: skip
-    logger = RunLogger(cfg.tracking, run_id)
-    logger.log_metrics({**metrics, "dropped_rows": dropped, "seconds": seconds}, 0, "val")
-    logger.log_file(args.out / "metrics.json", "eval")
-    logger.log_file(args.out / "predictions.json", "eval")
-    finish_run(cfg.tracking, run_id)
+    with RunLogger(cfg.tracking, run_id) as logger:
+        logger.log_metrics({**metrics, "dropped_rows": dropped, "seconds": seconds}, 0, "val")
+        logger.log_file(args.out / "metrics.json", "eval")
+        logger.log_file(args.out / "predictions.json", "eval")
+        logger.finish()
     print(f"wrote {args.out / 'metrics.json'}; MLflow run {run_id}")
     return 0
 

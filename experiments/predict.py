@@ -72,7 +72,9 @@ def build(weights: str | None, config: Path | None):
             model_cfg = saved_cfg
     else:
         print("warning: no --weights given: the model is randomly initialised", file=sys.stderr)
-    model = build_model(model_cfg)
+    from querypose_platform.storage import resolve_backbone_weights
+
+    model = build_model(resolve_backbone_weights(model_cfg))
     if state is not None:
         model.load_state_dict(state)
     return model.eval(), model_cfg

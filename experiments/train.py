@@ -35,13 +35,18 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     from querypose_platform.ray_runtime import init_ray
+    from querypose_platform.tracking import where_to_look
     from querypose_platform.trainer import fit
 
     init_ray()
-    outcome = fit(cfg)
+    try:
+        outcome = fit(cfg)
+    except ConfigError as error:  # a path that cannot work on the connected cluster
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     print(json.dumps({"mlflow_run_id": outcome.run_id, "checkpoint": outcome.checkpoint_path,
                       "metrics": outcome.metrics}, indent=2, default=str))  # fmt: skip
-    print(f"MLflow: make mlflow-ui, then open http://127.0.0.1:5000 (experiment {cfg.tracking.experiment!r})")
+    print(where_to_look(cfg.tracking))
     return 0
 
 

@@ -29,6 +29,7 @@ from querypose.engine import augmented_batches, coco_samples, evaluate, train_st
 from querypose.optim import build_optimizer, build_scheduler  # noqa: E402
 from querypose.weights import save_weights  # noqa: E402
 from querypose_platform.config import ConfigError, ExperimentConfig, SyntheticConfig, load_config  # noqa: E402
+from querypose_platform.storage import resolve_backbone_weights  # noqa: E402
 
 
 def synthetic_splits(cfg: ExperimentConfig, root: Path) -> dict[str, tuple[Path, Path]]:
@@ -74,7 +75,7 @@ def subset_gt(gt_json: Path, samples: list[dict], out: Path) -> Path:
 def build_training(cfg: ExperimentConfig, device: torch.device):
     """(model, criterion, optimizer, scheduler) from the experiment config, seeded."""
     torch.manual_seed(cfg.train.seed)
-    model = build_model(cfg.model).to(device)
+    model = build_model(resolve_backbone_weights(cfg.model)).to(device)
     criterion = SetCriterion.from_config(cfg.model)
     optimizer = build_optimizer(model, cfg.train.lr, cfg.train.weight_decay, cfg.train.flow_lr_mult)
     scheduler = build_scheduler(

@@ -130,9 +130,27 @@ class ScalingConfig:
 @dataclass(frozen=True)
 class TrackingConfig:
     uri: str = f"sqlite:///{PROJECT_ROOT / 'mlruns.db'}"
-    artifact_location: str = str(PROJECT_ROOT / "mlartifacts")
+    # Where a new experiment keeps its artifacts. Filled with a local folder only for local tracking; with an
+    # MLflow server it stays unset and the server decides (its --serve-artifacts proxy or its object-store root).
+    artifact_location: str | None = str(PROJECT_ROOT / "mlartifacts")
     experiment: str = "querypose"
     system_metrics: bool = True
+    # Rank 0 keeps what it could not log while the server is away: at most this many entries (training waits
+    # when they are all in use), and at the end of a run it waits this long for the server before giving up.
+    max_pending: int = 10_000
+    flush_timeout_s: float = 600.0
+
+    def __post_init__(self) -> None:
+        if not is_local_tracking(self.uri) and self.artifact_location and not is_uri(self.artifact_location):
+            raise ConfigError(
+                f"tracking.artifact_location: {self.artifact_location} is a local path but tracking.uri="
+                f"{self.uri} is a server: artifacts would land on the disk of whichever node logs them. Leave it "
+                "unset (the server decides) or give an object-store URI (s3://..., gs://...)"
+            )
+        if self.max_pending < 1:
+            raise ConfigError(f"tracking.max_pending: must be >= 1, got {self.max_pending}")
+        if self.flush_timeout_s < 0:
+            raise ConfigError(f"tracking.flush_timeout_s: must be >= 0, got {self.flush_timeout_s}")
 
 
 @dataclass(frozen=True)
@@ -177,6 +195,9 @@ class RunConfig:
     storage_path: str = str(PROJECT_ROOT / "ray_results")
     max_failures: int = 2
     num_to_keep: int = 2
+    # Local paths in data.root and run.storage_path are on storage every node mounts at the same place (NFS):
+    # allowed on a multi-node cluster, where a local path is otherwise refused.
+    shared_filesystem: bool = False
 
 
 @dataclass(frozen=True)
@@ -227,6 +248,35 @@ class ExperimentConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ExperimentConfig:
         return build_dataclass(cls, data, "")
+
+
+def is_uri(value: str) -> bool:
+    """True for a URI with a scheme (s3://, gs://, http://, ...), false for a path on this machine."""
+    return "://" in value and not value.startswith("file://")
+
+
+def is_local_tracking(uri: str) -> bool:
+    """True for tracking that lives in files on the machine that logs: a SQLite database or a file store."""
+    return uri.startswith(("sqlite:", "file:")) or "://" not in uri
+
+
+def check_multinode(cfg: ExperimentConfig, num_nodes: int) -> None:
+    """On a cluster of several nodes every path must mean the same data on each of them: a local path or a
+    SQLite file would be a different (or missing) file on each node. SQLite stays refused on a shared mount too
+    (its locking is not safe over NFS)."""
+    if num_nodes <= 1:
+        return
+    why = f"the Ray cluster has {num_nodes} nodes and each would see its own disk"
+    if is_local_tracking(cfg.tracking.uri):
+        raise ConfigError(f"tracking.uri: {cfg.tracking.uri} is local to one node, but {why}; give an MLflow server")
+    if cfg.run.shared_filesystem:
+        return
+    for key, value in (("run.storage_path", cfg.run.storage_path), ("data.root", cfg.data.root)):
+        if not is_uri(value):
+            raise ConfigError(
+                f"{key}: {value} is a local path, but {why}; give an object-store URI (s3://, gs://), or set "
+                "run.shared_filesystem=true if every node mounts it at the same place"
+            )
 
 
 def _check_grid_key(key: str, where: str) -> None:
@@ -284,17 +334,21 @@ def output_home() -> Path:
 
 def _fill_local_outputs(data: dict[str, Any]) -> None:
     """Make relative local paths absolute (Ray Train workers run in other directories) and fill the output
-    defaults: MLflow in $MLFLOW_TRACKING_URI or a SQLite file, artifacts and Ray results in folders of output_home()."""
+    defaults. The tracking URI comes from the command line, else the YAML, else $MLFLOW_TRACKING_URI, else a
+    SQLite file; only local tracking gets a local artifact folder. Outputs go to folders of output_home()."""
     home = output_home()
     defaults = {
         ("tracking", "uri"): os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlruns.db",
-        ("tracking", "artifact_location"): "mlartifacts",
         ("run", "storage_path"): "ray_results",
         ("data", "root"): DataConfig.root,
     }
     for (section, key), default in defaults.items():
         if isinstance(data.setdefault(section, {}), dict):
             data[section].setdefault(key, default)
+    tracking = data["tracking"]
+    if isinstance(tracking, dict):
+        local = isinstance(tracking["uri"], str) and is_local_tracking(tracking["uri"])
+        tracking.setdefault("artifact_location", "mlartifacts" if local else None)
     for section, key in (("data", "root"), ("run", "storage_path"), ("tracking", "artifact_location")):
         value = data.get(section, {}).get(key) if isinstance(data.get(section), dict) else None
         if isinstance(value, str) and "://" not in value and not Path(value).is_absolute():

@@ -3,10 +3,13 @@ batches in the train workers' `iter_torch_batches(collate_fn=...)`."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import cv2
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import ray.data
 import torch
 from ray.data.collate_fn import NumpyBatchCollateFn
@@ -14,6 +17,7 @@ from ray.data.collate_fn import NumpyBatchCollateFn
 from querypose.transforms import collate, has_people, people_arrays, test_resize, train_augment
 from querypose_platform.config import ExperimentConfig
 from querypose_platform.shards import shard_files
+from querypose_platform.storage import filesystem
 
 READ_COLUMNS = ["image_id", "image", "people"]
 
@@ -92,17 +96,46 @@ def _object_array(items: list[np.ndarray]) -> np.ndarray:
     return array
 
 
+def row_groups(files: list[str]) -> list[dict]:
+    """Every Parquet row group of the shard files as {"file", "row_group"}, counted from the files' footers."""
+    groups = []
+    for file in files:
+        fs, path = filesystem(file)
+        with fs.open_input_file(path) as stream:
+            count = pq.ParquetFile(stream).metadata.num_row_groups
+        groups.extend({"file": file, "row_group": index} for index in range(count))
+    return groups
+
+
+def read_shards(groups: list[dict], num_cpus: float) -> ray.data.Dataset:
+    """The rows (READ_COLUMNS) of the given row groups, one block per row group.
+
+    Not `ray.data.read_parquet`: its file-listing task always asks Ray for a whole CPU, which a 2-CPU cluster
+    whose train worker holds one CPU never has free, so training would wait for data forever. Here the groups
+    come listed from the driver and every task that reads them asks for `num_cpus` (a fraction)."""
+    return ray.data.from_items(groups, override_num_blocks=max(len(groups), 1)).map_batches(
+        _read_row_groups, batch_size=1, batch_format="pyarrow", num_cpus=num_cpus
+    )
+
+
+def _read_row_groups(items: pa.Table) -> Iterator[pa.Table]:
+    for file, index in zip(items["file"].to_pylist(), items["row_group"].to_pylist(), strict=True):
+        fs, path = filesystem(file)
+        with fs.open_input_file(path) as stream:
+            yield pq.ParquetFile(stream).read_row_group(index, columns=READ_COLUMNS)
+
+
 def build_dataset(
     shard_uri: str, cfg: ExperimentConfig, *, train: bool, epochs: int = 1, part: tuple[int, int] | None = None
 ) -> ray.data.Dataset:
     """The shard set as a Ray Dataset of decoded samples: for train, `epochs` passes with fresh augmentation
     each (seeded by (train.seed, epoch, image_id)); for val, the test-time resize once. `part=(i, n)` keeps the
     images with image_id % n == i (filtered before decoding)."""
-    files = shard_files(shard_uri)
+    groups = row_groups(shard_files(shard_uri))
 
     def one_pass(epoch: int) -> ray.data.Dataset:
         task_cpus = cfg.data.cpus_per_task
-        ds = ray.data.read_parquet(files, num_cpus=task_cpus).select_columns(READ_COLUMNS)
+        ds = read_shards(groups, task_cpus)
         if part is not None:
             index, count = part
             ds = ds.filter(lambda row: row["image_id"] % count == index, num_cpus=task_cpus)

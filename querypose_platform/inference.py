@@ -16,6 +16,7 @@ from querypose.engine import to_coco_results
 from querypose.weights import load_weights
 from querypose_platform.config import TrackingConfig
 from querypose_platform.data import collate_batch
+from querypose_platform.storage import resolve_backbone_weights
 
 WEIGHTS_ARTIFACT = "model/model.pt"
 
@@ -29,7 +30,7 @@ class Predictor:
         state, model_cfg = load_weights(weights)
         if model_cfg is None:
             raise ValueError(f"weights file {weights} carries no model config: export it with querypose.weights")
-        self.model = build_model(model_cfg)
+        self.model = build_model(resolve_backbone_weights(model_cfg))  # a bucket's weights: a local copy
         self.model.load_state_dict(state)
         self.model.eval().to(device)
         self.collate = functools.partial(collate_batch, num_keypoints=model_cfg.spec.num_keypoints)
@@ -82,13 +83,15 @@ def resolve_weights(source: str, tracking: TrackingConfig) -> tuple[Path, str | 
     import mlflow
     from mlflow import MlflowClient
 
-    client = MlflowClient(tracking_uri=tracking.uri)
+    # The registry lives with the tracking store (a models:/ URI alone would look in MLflow's default registry).
+    client = MlflowClient(tracking_uri=tracking.uri, registry_uri=tracking.uri)
     if source.startswith("models:/"):
         name, _, version = source.removeprefix("models:/").partition("/")
         if not name or not version:
             raise ValueError(f"model URI {source!r}: expected models:/NAME/VERSION")
         model_version = client.get_model_version(name, version)
-        folder = mlflow.artifacts.download_artifacts(artifact_uri=source, tracking_uri=tracking.uri)
+        location = client.get_model_version_download_uri(name, version)  # through the server's artifact proxy
+        folder = mlflow.artifacts.download_artifacts(artifact_uri=location, tracking_uri=tracking.uri)
         return _weights_in(Path(folder), source), model_version.run_id
     path = Path(source)
     if path.is_file():

@@ -8,7 +8,6 @@ from __future__ import annotations
 import hashlib
 import json
 import sys
-import tempfile
 import time
 import uuid
 from collections import defaultdict
@@ -23,7 +22,8 @@ import pyarrow.parquet as pq
 
 from querypose.keypoints import KeypointSpec, get_spec
 from querypose.transforms import has_people
-from querypose_platform.config import ExperimentConfig, SyntheticConfig
+from querypose_platform.config import ExperimentConfig, SyntheticConfig, is_uri
+from querypose_platform.storage import cache_dir, fetch_to_local, filesystem
 
 MANIFEST = "manifest.json"
 GT_JSON = "annotations.json"
@@ -53,23 +53,17 @@ SCHEMA = pa.schema(
 )
 
 
-def _filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
-    if "://" not in uri:
-        return pafs.LocalFileSystem(), str(Path(uri).resolve())
-    return pafs.FileSystem.from_uri(uri)
-
-
 def _exists(fs: pafs.FileSystem, path: str) -> bool:
     return fs.get_file_info(path).type != pafs.FileType.NotFound
 
 
 def has_manifest(uri: str) -> bool:
-    fs, root = _filesystem(uri)
+    fs, root = filesystem(uri)
     return _exists(fs, f"{root}/{MANIFEST}")
 
 
 def read_manifest(uri: str) -> dict[str, Any]:
-    fs, root = _filesystem(uri)
+    fs, root = filesystem(uri)
     path = f"{root}/{MANIFEST}"
     if not _exists(fs, path):
         raise FileNotFoundError(f"no shard set at {uri}: {MANIFEST} is missing (convert the data first)")
@@ -85,21 +79,14 @@ def shard_files(uri: str) -> list[str]:
 
 
 def gt_json_path(uri: str) -> Path:
-    """A local path to the GT JSON kept beside the shards (downloaded once to a temp file for remote URIs)."""
-    fs, root = _filesystem(uri)
+    """A local path to the GT JSON kept beside the shards (a node-local copy for object-store URIs)."""
+    fs, root = filesystem(uri)
     if isinstance(fs, pafs.LocalFileSystem):
         path = Path(root) / GT_JSON
         if not path.is_file():
             raise FileNotFoundError(f"no ground truth beside the shards: {path} is missing")
         return path
-    digest = hashlib.sha1(uri.encode()).hexdigest()[:12]
-    local = Path(tempfile.gettempdir()) / f"querypose-gt-{digest}.json"
-    if not local.is_file():
-        staging = local.with_name(f"{local.name}.{uuid.uuid4().hex}.tmp")
-        with fs.open_input_stream(f"{root}/{GT_JSON}") as stream:
-            staging.write_bytes(stream.read())
-        staging.replace(local)
-    return local
+    return fetch_to_local(f"{uri.rstrip('/')}/{GT_JSON}")
 
 
 def _person_problem(annotation: dict, num_keypoints: int) -> str | None:
@@ -176,7 +163,7 @@ def convert(
         raise FileNotFoundError(f"annotations file {annotations} does not exist")
     if not images.is_dir():
         raise FileNotFoundError(f"image folder {images} does not exist")
-    fs, root = _filesystem(out_uri)
+    fs, root = filesystem(out_uri)
     if _exists(fs, f"{root}/{MANIFEST}") and not overwrite:
         return read_manifest(out_uri)
     try:
@@ -199,7 +186,12 @@ def convert(
         else:
             people[a["image_id"]].append(a)
 
-    staging = f"{root}.tmp-{uuid.uuid4().hex[:8]}"
+    # A local output is built in a sibling folder and renamed into place. Object stores cannot rename a folder:
+    # there the files go straight to their place and the manifest, written last, marks the set complete.
+    local = isinstance(fs, pafs.LocalFileSystem)
+    staging = f"{root}.tmp-{uuid.uuid4().hex[:8]}" if local else root
+    if _exists(fs, staging):
+        fs.delete_dir(staging)  # on an object store: the set being overwritten, or an interrupted one's files
     fs.create_dir(staging, recursive=True)
     try:
         manifest = _write_shards(fs, staging, content, people, images, spec, shard_mb, progress)
@@ -208,11 +200,15 @@ def convert(
         manifest["source"] = {"annotations": str(annotations), "images": str(images)}
         with fs.open_output_stream(f"{staging}/{GT_JSON}") as stream:
             stream.write(annotations.read_bytes())
-        with fs.open_output_stream(f"{staging}/{MANIFEST}") as stream:
-            stream.write(json.dumps(manifest, indent=2).encode())
-        if _exists(fs, root):
-            fs.delete_dir(root)
-        fs.move(staging, root)
+        if local:
+            with fs.open_output_stream(f"{staging}/{MANIFEST}") as stream:
+                stream.write(json.dumps(manifest, indent=2).encode())
+            if _exists(fs, root):
+                fs.delete_dir(root)
+            fs.move(staging, root)
+        else:
+            with fs.open_output_stream(f"{root}/{MANIFEST}") as stream:
+                stream.write(json.dumps(manifest, indent=2).encode())
     except BaseException:
         if _exists(fs, staging):
             fs.delete_dir(staging)
@@ -329,7 +325,7 @@ def read_annotations(uri: str) -> dict[str, Any]:
     category = manifest.get("category") or {"id": 1, "name": "person"}
     images, annotations = [], []
     for file in shard_files(uri):
-        fs, path = _filesystem(file)
+        fs, path = filesystem(file)
         table = pq.read_table(
             path, filesystem=fs, columns=["image_id", "file_name", "width", "height", "crowd_index", "people"]
         )
@@ -366,7 +362,9 @@ def ensure_synthetic_shards(cfg: ExperimentConfig) -> None:
         uri = cfg.data.split_uri(split)
         if has_manifest(uri):
             continue
-        raw = Path(cfg.data.root).parent / "raw" / f"{spec.name}_{split}_{count}x{settings.image_size}_s{seed}"
+        # The generated images are converted from a local folder: beside a local root, else in the node's cache.
+        raw_root = cache_dir() / "synthetic" if is_uri(cfg.data.root) else Path(cfg.data.root).parent / "raw"
+        raw = raw_root / f"{spec.name}_{split}_{count}x{settings.image_size}_s{seed}"
         if not (raw / "annotations.json").is_file():
             write_synthetic_dataset(raw, count, dataset=spec, seed=seed, image_size=settings.image_size)
         convert(spec, raw / "annotations.json", raw / "images", uri)

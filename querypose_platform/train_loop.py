@@ -9,11 +9,15 @@ talks to MLflow. A retried or resumed attempt restores model, optimiser, schedul
 
 from __future__ import annotations
 
+import contextlib
+import io
 import itertools
 import json
+import logging
 import math
 import os
 import signal
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -25,6 +29,7 @@ import ray.train
 import ray.train.torch
 import torch
 import torch.distributed as dist
+from ray.train.v2._internal.execution import context as train_context
 
 from querypose import build_model
 from querypose.criterion import SetCriterion
@@ -36,11 +41,14 @@ from querypose_platform import plots
 from querypose_platform.config import ExperimentConfig
 from querypose_platform.data import BatchCollator
 from querypose_platform.shards import gt_json_path
-from querypose_platform.tracking import RunLogger
+from querypose_platform.storage import resolve_backbone_weights
+from querypose_platform.tracking import PROGRESS_METRICS, RunLogger, RunSpec
 
 CHECKPOINT_FILE = "state.pt"
+TRACKING_FOLDER = "tracking"  # in a checkpoint: what rank 0 had not sent to MLflow yet
 EVAL_BATCH_SIZE = 4
 FAULT_GRACE_S = 5.0
+ERROR_FLUSH_S = 10.0
 
 
 def val_dataset_name(rank: int) -> str:
@@ -49,38 +57,46 @@ def val_dataset_name(rank: int) -> str:
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """config = {"experiment": ExperimentConfig.to_dict(), "mlflow_run_id": str}."""
+    """config = {"experiment": ExperimentConfig.to_dict(), "mlflow_run": the RunSpec fields of its MLflow run}."""
     cfg = ExperimentConfig.from_dict(config["experiment"])
-    run_id = config["mlflow_run_id"]
+    # Ray Train logs every report's dict at INFO ("Reporting training result ..."): hundreds of console lines
+    # repeating what MLflow holds; rank 0's progress line stands for them.
+    train_context.logger.setLevel(logging.WARNING)
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
     torch.manual_seed(cfg.train.seed)
 
-    model = build_model(cfg.model)
-    criterion = SetCriterion.from_config(cfg.model)
-    optimizer = build_optimizer(model, cfg.train.lr, cfg.train.weight_decay, cfg.train.flow_lr_mult)
-    scheduler = build_scheduler(
-        optimizer, cfg.train.warmup_iters, cfg.train.warmup_factor, cfg.train.lr_steps, cfg.train.lr_gamma
-    )
-    start_iteration, latest_eval = restore(ray.train.get_checkpoint(), model, optimizer, scheduler)
-    model = ray.train.torch.prepare_model(model)
-    autocast = torch.bfloat16 if cfg.train.amp else None
-
-    logger = RunLogger(cfg.tracking, run_id) if rank == 0 else None
-    monitor = start_system_metrics(cfg, run_id, resumed=start_iteration > 0) if rank == 0 else None
-    if logger is not None and start_iteration == 0:
-        logger.log_text(cfg.to_yaml(), "config/resolved.yaml")
-    elif logger is not None:
-        logger.client.set_tag(run_id, "querypose.resumed_from_iteration", str(start_iteration))
-
-    collate = BatchCollator(cfg.model.spec.num_keypoints)
-    batches = endless_batches(ray.train.get_dataset_shard("train"), cfg.per_worker_batch_size, collate, cfg.train.seed)
-    val_shard = ray.train.get_dataset_shard(val_dataset_name(rank))
-    window = StepWindow()
-    consumed: list[int] = []  # image ids this rank trained on since its last checkpoint
-    iteration = start_iteration
+    checkpoint = ray.train.get_checkpoint()
+    monitors: list = []
+    logger = None
+    if rank == 0:
+        # The logger opens (or reopens) the MLflow run by itself once the server answers; training does not wait.
+        logger = RunLogger(
+            cfg.tracking,
+            RunSpec(**config["mlflow_run"]),
+            on_attach=lambda run_id: monitors.append(start_system_metrics(cfg, run_id, checkpoint is not None)),
+        )
     try:
+        model, optimizer, scheduler, start_iteration, latest_eval = prepare_training(
+            cfg, checkpoint, ray.train.torch.prepare_model, logger
+        )
+        criterion = SetCriterion.from_config(cfg.model)
+        autocast = torch.bfloat16 if cfg.train.amp else None
+        if logger is not None and start_iteration == 0:
+            logger.log_text(cfg.to_yaml(), "config/resolved.yaml")
+        elif logger is not None:
+            logger.set_tag("querypose.resumed_from_iteration", str(start_iteration))
+
+        collate = BatchCollator(cfg.model.spec.num_keypoints)
+        batches = endless_batches(
+            ray.train.get_dataset_shard("train"), cfg.per_worker_batch_size, collate, cfg.train.seed
+        )
+        val_shard = ray.train.get_dataset_shard(val_dataset_name(rank))
+        window = StepWindow()
+        progress = Progress(cfg, start_iteration) if rank == 0 else None
+        consumed: list[int] = []  # image ids this rank trained on since its last checkpoint
+        iteration = start_iteration
         while iteration < cfg.train.max_iters:
             started = time.perf_counter()
             batch = next(batches).to(device)
@@ -100,40 +116,82 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 metrics = {**mean_over_ranks(terms), **window.flush(world)}
                 if logger is not None:
                     logger.log_metrics(metrics, iteration, "train")
+                    progress.line(iteration, metrics)
             if iteration % cfg.train.eval_every == 0 or is_last:
                 latest_eval, records = evaluate_distributed(model, val_shard, cfg, rank, world, collate)
-                if logger is not None and logger.log_metrics(latest_eval, iteration, "val"):
-                    logger.log_json(latest_eval, f"eval/metrics_{iteration:07d}.json")
-                    logger.log_json(records, f"eval/predictions_{iteration:07d}.json")
+                if logger is not None:
+                    logger.log_metrics(latest_eval, iteration, "val", artifacts={
+                        f"eval/metrics_{iteration:07d}.json": latest_eval,
+                        f"eval/predictions_{iteration:07d}.json": records,
+                    })  # fmt: skip
             if metrics or iteration % cfg.train.checkpoint_every == 0 or is_last:
-                report(iteration, metrics, latest_eval, model, optimizer, scheduler, cfg, run_id, rank, consumed)
+                report(iteration, metrics, latest_eval, model, optimizer, scheduler, cfg, rank, consumed, logger)
         if iteration == start_iteration:  # a finished run started again: report its last state, train nothing
             ray.train.report({"iteration": iteration, **latest_eval})
         elif logger is not None:
             log_final_artifacts(logger, model, cfg, val_shard, collate)
+        if logger is not None:
+            logger.finish()
+            logger.close()
+    except BaseException:
+        if logger is not None:  # what is not sent in time is in the last checkpoint, or will be computed again
+            with contextlib.suppress(Exception):
+                logger.close(timeout=ERROR_FLUSH_S)
+        raise
     finally:
-        if monitor is not None:
-            monitor.finish()
+        for monitor in monitors:
+            if monitor is not None:
+                monitor.finish()
 
 
-def restore(checkpoint: ray.train.Checkpoint | None, model, optimizer, scheduler) -> tuple[int, dict]:
-    """Load a checkpoint's training state into the (unwrapped) objects; returns (the iteration to go on from,
-    the last eval metrics)."""
+def prepare_training(cfg: ExperimentConfig, checkpoint, place, logger: RunLogger | None = None):
+    """Model, optimiser and scheduler, with the model placed by `place` (Ray's `prepare_model`: on the worker's
+    device, DDP-wrapped) and only then the checkpoint's state loaded: `Optimizer.load_state_dict` moves each
+    state tensor to its parameter's device and dtype as they are at load time, so loading first would leave
+    AdamW's moments on the CPU and the first step on a GPU would fail. Returns (model, optimizer, scheduler,
+    the iteration to go on from, the last eval metrics)."""
+    model = build_model(resolve_backbone_weights(cfg.model))
+    optimizer = build_optimizer(model, cfg.train.lr, cfg.train.weight_decay, cfg.train.flow_lr_mult)
+    scheduler = build_scheduler(
+        optimizer, cfg.train.warmup_iters, cfg.train.warmup_factor, cfg.train.lr_steps, cfg.train.lr_gamma
+    )
+    model = place(model)
+    start_iteration, latest_eval = restore(checkpoint, unwrap(model), optimizer, scheduler, logger)
+    return model, optimizer, scheduler, start_iteration, latest_eval
+
+
+def restore(checkpoint: ray.train.Checkpoint | None, model, optimizer, scheduler, logger=None) -> tuple[int, dict]:
+    """Load a checkpoint's training state into the (unwrapped, already placed) objects, and queue on rank 0's
+    logger what the checkpoint carried unsent; returns (the iteration to go on from, the last eval metrics)."""
     if checkpoint is None:
         return 0, {}
     with checkpoint.as_directory() as folder:
         state = read_tensor_file(Path(folder) / CHECKPOINT_FILE, "checkpoint")
+        if logger is not None:
+            logger.load_pending(Path(folder) / TRACKING_FOLDER)
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     return int(state["iteration"]), dict(state.get("eval", {}))
 
 
-def report(iteration, metrics, latest_eval, model, optimizer, scheduler, cfg, run_id, rank, consumed) -> None:
+def checkpoint_state(model, optimizer, scheduler, iteration: int, latest_eval: dict, cfg: ExperimentConfig) -> dict:
+    """What `restore` reads back: bf16 autocast needs no GradScaler, so there is no scaler state to keep."""
+    return {
+        "model": unwrap(model).state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "iteration": iteration,
+        "eval": latest_eval,
+        "config": cfg.to_dict(),
+    }
+
+
+def report(iteration, metrics, latest_eval, model, optimizer, scheduler, cfg, rank, consumed, logger) -> None:
     """ray.train.report on every rank (it is a barrier). When a checkpoint is due, every rank contributes the
     image ids it trained on since the previous one and the Ray node it ran on (data/rank<r>.json: shards and
-    placement are auditable) and rank 0 adds the
-    training state; Ray merges the ranks' folders into one checkpoint."""
+    placement are auditable) and rank 0 adds the training state and the tracking entries MLflow has not taken
+    yet; Ray merges the ranks' folders into one checkpoint."""
     reported = {
         "iteration": iteration,
         **metrics,
@@ -149,20 +207,12 @@ def report(iteration, metrics, latest_eval, model, optimizer, scheduler, cfg, ru
         provenance = {"node_id": ray.get_runtime_context().get_node_id(), "image_ids": consumed}
         (Path(folder) / "data" / f"rank{rank}.json").write_text(json.dumps(provenance))
         consumed.clear()
-        if rank != 0:
-            ray.train.report(reported, checkpoint=ray.train.Checkpoint.from_directory(folder))
-            return
-        state = {
-            "model": unwrap(model).state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "iteration": iteration,
-            "mlflow_run_id": run_id,
-            "eval": latest_eval,
-            "config": cfg.to_dict(),
-        }  # bf16 autocast needs no GradScaler, so there is no scaler state to keep
-        torch.save(state, Path(folder) / CHECKPOINT_FILE)
-        (Path(folder) / "config.yaml").write_text(cfg.to_yaml())
+        if rank == 0:
+            state = checkpoint_state(model, optimizer, scheduler, iteration, latest_eval, cfg)
+            torch.save(state, Path(folder) / CHECKPOINT_FILE)
+            (Path(folder) / "config.yaml").write_text(cfg.to_yaml())
+            if logger is not None:
+                logger.save_pending(Path(folder) / TRACKING_FOLDER)
         ray.train.report(reported, checkpoint=ray.train.Checkpoint.from_directory(folder))
 
 
@@ -272,10 +322,25 @@ def evaluate_distributed(
     metrics = [{}]
     if rank == 0:
         gt = gt_json_path(cfg.data.split_uri(cfg.data.val_split))
-        metrics = [evaluate_keypoints(gt, records, cfg.model.spec)]
+        with quiet():  # pycocotools prints ~20 lines per evaluation
+            metrics = [evaluate_keypoints(gt, records, cfg.model.spec)]
     if world > 1:
         dist.broadcast_object_list(metrics, src=0)
     return metrics[0], records
+
+
+@contextlib.contextmanager
+def quiet():
+    """Swallow what a library prints. Ray Train's workers patch `print` to log every line on the root logger
+    at INFO as well as writing it to a redirected stdout, so both are muted for the block."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.WARNING)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        root.setLevel(level)
 
 
 def inject_fault(cfg: ExperimentConfig, iteration: int, start_iteration: int, rank: int, world: int) -> None:
@@ -289,7 +354,7 @@ def inject_fault(cfg: ExperimentConfig, iteration: int, start_iteration: int, ra
 
 
 def start_system_metrics(cfg: ExperimentConfig, run_id: str, resumed: bool):
-    """MLflow's own system-metrics sampler (CPU, memory, GPU) logging into the training run."""
+    """MLflow's own system-metrics sampler (CPU, memory, GPU through nvidia-ml-py) logging into the training run."""
     if not cfg.tracking.system_metrics:
         return None
     from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
@@ -299,6 +364,27 @@ def start_system_metrics(cfg: ExperimentConfig, run_id: str, resumed: bool):
     return monitor
 
 
+class Progress:
+    """Rank 0's one console line per log interval: iteration / max, loss, images/s and the time still to go."""
+
+    def __init__(self, cfg: ExperimentConfig, start_iteration: int):
+        self.name, self.max_iters = cfg.run.name, cfg.train.max_iters
+        self.start_iteration, self.started = start_iteration, time.perf_counter()
+
+    def line(self, iteration: int, metrics: dict[str, float]) -> None:
+        rate = (iteration - self.start_iteration) / max(time.perf_counter() - self.started, 1e-9)
+        eta = (self.max_iters - iteration) / max(rate, 1e-9)
+        # To the process's own stdout: Ray Train's patched print would write the line twice (stdout and log).
+        print(f"[{self.name}] iter {iteration}/{self.max_iters}  loss {metrics['loss']:.3f}  "
+              f"{metrics['images_per_s']:.1f} img/s  ETA {_duration(eta)}", file=sys.__stdout__, flush=True)  # fmt: skip
+
+
+def _duration(seconds: float) -> str:
+    minutes, seconds = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{seconds:02d}s"
+
+
 def log_final_artifacts(logger: RunLogger, model, cfg: ExperimentConfig, val_shard, collate) -> None:
     """Final weights (querypose.weights format), loss/AP curves and a SPEGM attention picture."""
     with tempfile.TemporaryDirectory(prefix="querypose-final-") as folder:
@@ -306,11 +392,11 @@ def log_final_artifacts(logger: RunLogger, model, cfg: ExperimentConfig, val_sha
         logger.log_file(weights, "model")
         (Path(folder) / "config.yaml").write_text(cfg.to_yaml())
         logger.log_file(Path(folder) / "config.yaml", "model")
-    curves = {name: logger.metric_history(name) for name in ("train/loss", "val/AP")}
-    logger.log_figure(plots.curves_figure(curves), "plots/curves.png")
     picture = attention_picture(model, val_shard, collate, cfg)
     if picture is not None:
         logger.log_figure(picture, "plots/spegm_attention.png")
+    curves = {name: logger.metric_history(name) for name in PROGRESS_METRICS.values()}  # waits for MLflow
+    logger.log_figure(plots.curves_figure(curves), "plots/curves.png")
 
 
 @torch.no_grad()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from dataclasses import dataclass
 from typing import Any
@@ -12,15 +13,15 @@ from ray.train.torch import TorchTrainer
 
 from querypose_platform.config import ExperimentConfig
 from querypose_platform.data import build_dataset
-from querypose_platform.ray_runtime import warn_if_no_cpu_for_data
+from querypose_platform.ray_runtime import check_cluster, warn_if_no_cpu_for_data
 from querypose_platform.shards import ensure_synthetic_shards, read_manifest
-from querypose_platform.tracking import finish_run, flatten, open_run
+from querypose_platform.tracking import RunSpec, find_run_id, flatten, mark_failed
 from querypose_platform.train_loop import epochs_for, train_loop_per_worker, val_dataset_name
 
 
 @dataclass
 class TrainOutcome:
-    run_id: str
+    run_id: str | None  # None only when MLflow could not be reached at the end
     metrics: dict[str, Any]
     checkpoint_path: str | None
 
@@ -56,7 +57,7 @@ def training_image_counts(manifest: dict[str, Any]) -> dict[str, int]:
 
 
 def build_trainer(
-    cfg: ExperimentConfig, run_id: str, callbacks: list | None = None, datasets: dict | None = None
+    cfg: ExperimentConfig, run: RunSpec, callbacks: list | None = None, datasets: dict | None = None
 ) -> TorchTrainer:
     scaling = cfg.scaling
     resources = {"CPU": scaling.cpus_per_worker, **scaling.extra_resources}
@@ -64,7 +65,7 @@ def build_trainer(
         resources["GPU"] = scaling.gpus_per_worker
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"experiment": cfg.to_dict(), "mlflow_run_id": run_id},
+        train_loop_config={"experiment": cfg.to_dict(), "mlflow_run": dataclasses.asdict(run)},
         scaling_config=ray.train.ScalingConfig(
             num_workers=scaling.num_workers,
             use_gpu=scaling.use_gpu,
@@ -90,30 +91,38 @@ def fit(
     tags: dict[str, str] | None = None,
     callbacks: list | None = None,
 ) -> TrainOutcome:
-    """Prepare data (the synthetic default is generated on first use), open or reopen the MLflow run, fit, and
-    close the run as FINISHED, or FAILED with the error."""
+    """Check the paths against the cluster, prepare data (the synthetic default is generated on first use),
+    fit, and return the outcome. Rank 0 opens (or reopens) the MLflow run found by `run_key` and marks it
+    FINISHED; a failed fit marks it FAILED with the error."""
     cfg.check_trainable()
+    check_cluster(cfg)
     if cfg.data.synthetic is not None:
         ensure_synthetic_shards(cfg)
     warn_if_no_cpu_for_data(cfg, reserved=cfg.tune.trial_cpus if parent_run_id else 0.0)
-    run_id = open_run(
-        cfg.tracking,
-        run_key or default_run_key(cfg),
-        cfg.run.name,
-        params={
-            **flatten(cfg.to_dict()),
-            **training_image_counts(read_manifest(cfg.data.split_uri(cfg.data.train_split))),
-        },
-        tags=tags,
-        parent_run_id=parent_run_id,
-    )
+    params = {
+        **flatten(cfg.to_dict()),
+        **training_image_counts(read_manifest(cfg.data.split_uri(cfg.data.train_split))),
+    }
+    spec = RunSpec(run_key or default_run_key(cfg), cfg.run.name, params, tags or {}, parent_run_id)
     try:
-        result = build_trainer(cfg, run_id, callbacks).fit()
+        result = build_trainer(cfg, spec, callbacks).fit()
         if getattr(result, "error", None) is not None:
             raise result.error
     except BaseException as error:
-        finish_run(cfg.tracking, run_id, error)
+        mark_failed(cfg.tracking, spec.key, error)
         raise
-    finish_run(cfg.tracking, run_id)
-    checkpoint = result.checkpoint.path if result.checkpoint is not None else None
-    return TrainOutcome(run_id=run_id, metrics=dict(result.metrics or {}), checkpoint_path=checkpoint)
+    checkpoint = result.checkpoint
+    return TrainOutcome(
+        run_id=find_run_id(cfg.tracking, spec.key),
+        metrics=dict(result.metrics or {}),
+        checkpoint_path=checkpoint_uri(checkpoint) if checkpoint is not None else None,
+    )
+
+
+def checkpoint_uri(checkpoint: ray.train.Checkpoint) -> str:
+    """A checkpoint's location as a local path or a URI (Ray gives the path inside its filesystem)."""
+    filesystem = checkpoint.filesystem.type_name if checkpoint.filesystem is not None else "local"
+    return checkpoint.path if filesystem == "local" else f"{_SCHEMES.get(filesystem, filesystem)}://{checkpoint.path}"
+
+
+_SCHEMES = {"gcs": "gs"}

@@ -48,22 +48,37 @@ def cell_config(cfg: ExperimentConfig, cell: dict[str, Any]) -> ExperimentConfig
     return dataclasses.replace(cell_cfg, run=run)
 
 
-def run_cell(config: dict[str, Any]) -> None:
-    """Tune function trainable: fit the cell's TorchTrainer; its reports reach Tune through TuneReportCallback."""
-    cfg = ExperimentConfig.from_dict(config["experiment"])
+def run_cell(config: dict[str, Any], experiment: dict[str, Any], parent_run_id: str) -> None:
+    """Tune function trainable: fit the cell's TorchTrainer; its reports reach Tune through GridReportCallback.
+    The experiment and parent run come through tune.with_parameters, so a trial's config (the table Tune prints
+    when the trial starts) is the cell alone."""
+    cfg = ExperimentConfig.from_dict(experiment)
     cell = config["cell"]
-    parent_run_id = config["parent_run_id"]
     fit(
         cell_config(cfg, cell),
         run_key=f"grid:{parent_run_id}:{cell_key(cell)}",
         parent_run_id=parent_run_id,
         tags={CELL_TAG: cell_key(cell), **{f"querypose.{name}": str(value) for name, value in cell.items()}},
-        callbacks=[TuneReportCallback()],
+        callbacks=[GridReportCallback(cfg)],
     )
 
 
-def _trainable(cfg: ExperimentConfig):
-    return tune.with_resources(run_cell, {"CPU": cfg.tune.trial_cpus})
+class GridReportCallback(TuneReportCallback):
+    """Ray Train -> Tune reports with the grid's columns only (iteration, loss, images/s and the eval metrics):
+    Tune prints every reported key in its tables, and the loss terms are in MLflow."""
+
+    def __init__(self, cfg: ExperimentConfig):
+        super().__init__()
+        self.keys = {"iteration", "loss", "images_per_s", cfg.tune.metric, *METRIC_NAMES[cfg.model.spec.evaluation]}
+
+    def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:
+        kept = [{key: value for key, value in rank.items() if key in self.keys} for rank in metrics]
+        super().after_report(run_context, kept, checkpoint)
+
+
+def _trainable(cfg: ExperimentConfig, parent_run_id: str):
+    trainable = tune.with_parameters(run_cell, experiment=cfg.to_dict(), parent_run_id=parent_run_id)
+    return tune.with_resources(trainable, {"CPU": cfg.tune.trial_cpus})
 
 
 def _experiment_path(cfg: ExperimentConfig) -> str:
@@ -73,12 +88,8 @@ def _experiment_path(cfg: ExperimentConfig) -> str:
 def build_tuner(cfg: ExperimentConfig, parent_run_id: str, cells: list[dict[str, Any]]) -> tune.Tuner:
     """One trial per cell in `cells`."""
     return tune.Tuner(
-        _trainable(cfg),
-        param_space={
-            "experiment": cfg.to_dict(),
-            "parent_run_id": parent_run_id,
-            "cell": tune.grid_search(cells),
-        },
+        _trainable(cfg, parent_run_id),
+        param_space={"cell": tune.grid_search(cells)},
         tune_config=tune.TuneConfig(
             metric=cfg.tune.metric, mode=cfg.tune.mode, max_concurrent_trials=cfg.tune.max_concurrent_trials
         ),
@@ -86,6 +97,8 @@ def build_tuner(cfg: ExperimentConfig, parent_run_id: str, cells: list[dict[str,
             name=cfg.run.name,
             storage_path=cfg.run.storage_path,
             failure_config=tune.FailureConfig(max_failures=cfg.run.max_failures),
+            # Status tables only: each result is in MLflow, and rank 0 prints a progress line per log interval.
+            verbose=1,
         ),
     )
 
@@ -106,7 +119,9 @@ def run_grid(cfg: ExperimentConfig, parent_run_id: str, resume: bool, stop_after
     """
     results: list = []
     if resume and tune.Tuner.can_restore(_experiment_path(cfg)):
-        results.extend(tune.Tuner.restore(_experiment_path(cfg), _trainable(cfg), resume_errored=True).fit())
+        results.extend(
+            tune.Tuner.restore(_experiment_path(cfg), _trainable(cfg, parent_run_id), resume_errored=True).fit()
+        )
     done = finished_cells(cfg, parent_run_id) if resume else set()
     cells = [cell for cell in cfg.tune.grid_cells() if cell_key(cell) not in done][:stop_after]
     if resume:
@@ -167,10 +182,10 @@ def log_results_table(cfg: ExperimentConfig, parent_run_id: str) -> tuple[list[d
     rows = results_rows(cfg, parent_run_id)
     columns = TABLE_COLUMNS[cfg.model.spec.evaluation]
     markdown = table_markdown(rows, columns)
-    logger = RunLogger(cfg.tracking, parent_run_id)
-    logger.log_text(markdown + "\n", "results/table.md")
-    logger.log_text(table_csv(rows, columns), "results/table.csv")
-    logger.log_figure(plots.results_bar_figure(rows, list(columns)), "results/table.png")
+    with RunLogger(cfg.tracking, parent_run_id) as logger:
+        logger.log_text(markdown + "\n", "results/table.md")
+        logger.log_text(table_csv(rows, columns), "results/table.csv")
+        logger.log_figure(plots.results_bar_figure(rows, list(columns)), "results/table.png")
     return rows, markdown
 
 

@@ -3,9 +3,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from querypose.config import ConfigError, ModelConfig
-from querypose_platform.config import ExperimentConfig, load_config
+from querypose_platform.config import ExperimentConfig, check_multinode, load_config
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((REPO / "experiments" / "configs").glob("*.yaml"))
@@ -110,6 +111,54 @@ def test_outputs_follow_querypose_home_and_mlflow_tracking_uri(tmp_path, monkeyp
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
     assert load_config(None).tracking.uri == "http://127.0.0.1:5000"
     assert load_config(None, ["tracking.uri=sqlite:///x.db"]).tracking.uri == f"sqlite:///{tmp_path / 'x.db'}"
+
+
+def test_tracking_uri_precedence_command_line_yaml_environment_default(tmp_path, monkeypatch):
+    monkeypatch.setenv("QUERYPOSE_HOME", str(tmp_path))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    experiment = tmp_path / "exp.yaml"
+    experiment.write_text("tracking:\n  uri: http://from-yaml:5000\n")
+    assert load_config(None).tracking.uri == f"sqlite:///{tmp_path / 'mlruns.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://from-env:5000")
+    assert load_config(None).tracking.uri == "http://from-env:5000"
+    assert load_config(experiment).tracking.uri == "http://from-yaml:5000"
+    assert load_config(experiment, ["tracking.uri=http://from-cli:5000"]).tracking.uri == "http://from-cli:5000"
+
+
+def test_a_tracking_server_decides_where_artifacts_go(tmp_path, monkeypatch):
+    monkeypatch.setenv("QUERYPOSE_HOME", str(tmp_path))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
+    assert load_config(None).tracking.artifact_location is None
+    remote = load_config(None, ["tracking.artifact_location=s3://bucket/mlartifacts"]).tracking
+    assert remote.artifact_location == "s3://bucket/mlartifacts"
+    with pytest.raises(ConfigError, match="tracking.artifact_location: .* is a local path"):
+        load_config(None, ["tracking.artifact_location=/data/mlartifacts"])
+    local = load_config(None, ["tracking.uri=sqlite:///runs.db"]).tracking
+    assert local.artifact_location == str(tmp_path / "mlartifacts")
+
+
+def test_no_shipped_config_names_a_tracking_server():
+    """A host in a YAML would beat MLFLOW_TRACKING_URI (a RayJob's environment): servers come from outside."""
+    for path in CONFIGS:
+        tracking = yaml.safe_load(path.read_text()).get("tracking") or {}
+        assert "uri" not in tracking, path.name
+
+
+def test_a_multinode_cluster_needs_paths_every_node_sees(monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    local = load_config(None)
+    check_multinode(local, num_nodes=1)  # one node: local paths are fine
+    with pytest.raises(ConfigError, match="tracking.uri: sqlite:.* the Ray cluster has 3 nodes"):
+        check_multinode(local, num_nodes=3)
+    server = ["tracking.uri=http://mlflow:5000"]
+    with pytest.raises(ConfigError, match="run.storage_path: .* is a local path"):
+        check_multinode(load_config(None, server), num_nodes=3)
+    with pytest.raises(ConfigError, match="data.root: .* is a local path"):
+        check_multinode(load_config(None, [*server, "run.storage_path=s3://b/results"]), num_nodes=3)
+    check_multinode(load_config(None, [*server, "run.storage_path=s3://b/r", "data.root=gs://b/shards"]), 3)
+    check_multinode(load_config(None, [*server, "run.shared_filesystem=true"]), 3)  # an NFS mount on every node
+    with pytest.raises(ConfigError, match="tracking.uri"):
+        check_multinode(load_config(None, ["run.shared_filesystem=true"]), 3)
 
 
 def test_yaml_round_trip():

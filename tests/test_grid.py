@@ -23,7 +23,7 @@ SYNTHETIC_GRID = REPO_ROOT / "experiments" / "configs" / "ablation_synthetic.yam
 sys.path.insert(0, str(REPO_ROOT / "experiments"))
 
 TINY = [
-    "model.hidden_dim=32", "model.ffn_dim=64", "model.dynamic_dim=8", "model.tower_channels=32",
+    "model.backbone=resnet10t", "model.hidden_dim=32", "model.ffn_dim=64", "model.dynamic_dim=8", "model.tower_channels=32",
     "model.tower_convs=1", "model.num_queries=6", "model.test_short_side=96", "model.test_max_size=128",
     "data.synthetic={train_images: 6, val_images: 3, image_size: 96}", "data.train_short_sides=[96]",
     "data.train_max_size=128", "data.crop_resize_sides=[96]", "data.crop_size=[64,96]", "train.max_iters=2",
@@ -32,14 +32,8 @@ TINY = [
 ]  # fmt: skip
 
 
-def grid_overrides(tmp_path: Path, cells: str) -> list[str]:
-    return [*TINY, f"data.root={tmp_path / 'shards'}", f"run.storage_path={tmp_path / 'ray_results'}",
-            f"tracking.uri=sqlite:///{tmp_path / 'mlruns.db'}", f"tracking.artifact_location={tmp_path / 'art'}",
-            f"tune.cells={cells}"]  # fmt: skip
-
-
-def grid_runs(tmp_path: Path) -> tuple[list, list]:
-    client = MlflowClient(f"sqlite:///{tmp_path / 'mlruns.db'}")
+def grid_runs(tracking_uri: str) -> tuple[list, list]:
+    client = MlflowClient(tracking_uri)
     experiment = client.get_experiment_by_name("querypose-synthetic-grid")
     runs = client.search_runs([experiment.experiment_id])
     parents = [r for r in runs if r.data.tags.get("querypose.grid") == "parent"]
@@ -47,24 +41,32 @@ def grid_runs(tmp_path: Path) -> tuple[list, list]:
     return parents, children
 
 
-def test_stopped_grid_resumes_without_duplicate_runs_and_logs_the_table(ray_local, tmp_path):
+def test_stopped_grid_resumes_without_duplicate_runs_and_logs_the_table(ray_local, s3, mlflow_server, tmp_path, capsys):
+    """The grid as a cluster runs it: shards and Tune/Train state in the bucket, runs on the MLflow server."""
     import ablation_grid
 
-    overrides = grid_overrides(tmp_path, "[{part_dim: 32}, {part_dim: 64}]")
+    overrides = [*TINY, f"data.root={s3.uri('grid-tests/shards')}", f"run.storage_path={s3.uri('grid-tests/ray_results')}",
+                 f"tracking.uri={mlflow_server.url}", "tune.cells=[{part_dim: 32}, {part_dim: 64}]"]  # fmt: skip
     assert ablation_grid.main(["--config", str(SYNTHETIC_GRID), "--stop-after", "1", *overrides]) == 0
-    parents, children = grid_runs(tmp_path)
+    parents, children = grid_runs(mlflow_server.url)
     assert len(parents) == 1 and len(children) == 1 and children[0].info.status == "FINISHED"
 
     assert ablation_grid.main(["--config", str(SYNTHETIC_GRID), "--resume", *overrides]) == 0
-    parents, children = grid_runs(tmp_path)
+    parents, children = grid_runs(mlflow_server.url)
     assert len(parents) == 1, "a resumed grid reuses its parent run"
     assert sorted(r.data.tags["querypose.cell"] for r in children) == ["part_dim=32", "part_dim=64"]
     assert all(r.info.status == "FINISHED" for r in children)
     assert all(r.data.tags["mlflow.parentRunId"] == parents[0].info.run_id for r in children)
     for child in children:
         assert "val/AP" in child.data.metrics and child.data.params["model.part_dim"] in {"32", "64"}
+        assert child.info.artifact_uri.startswith("mlflow-artifacts:")  # the server's store, not a local folder
+    assert any(key.endswith("model/model.pt") for key in s3.keys("mlartifacts"))
+    assert s3.keys("grid-tests/ray_results/ablation_synthetic/cells")  # the cells' checkpoints
+    # with a server, the script names its URL instead of the local UI's command
+    printed = capsys.readouterr().out
+    assert f"MLflow: {mlflow_server.url}" in printed and "make mlflow-ui" not in printed
 
-    client = MlflowClient(f"sqlite:///{tmp_path / 'mlruns.db'}")
+    client = MlflowClient(mlflow_server.url)
     parent = parents[0].info.run_id
     assert parents[0].info.status == "RUNNING" or client.get_run(parent).info.status == "FINISHED"
     assert {a.path for a in client.list_artifacts(parent, "results")} == {
@@ -101,7 +103,9 @@ def _free_port() -> int:
 
 
 def test_grid_runs_as_a_ray_job_on_a_local_head(tmp_path):
-    """`ray start --head` (from this venv, on 127.0.0.1) + `ray job submit --working-dir .`, as the README says."""
+    """`ray start --head` (from this venv, on 127.0.0.1) + `ray job submit --working-dir .`, as the README says, on
+    a head with the 2 CPUs of a 2-core machine: the train worker takes one, every Ray Data task a fraction of the
+    other. Tracking is the embedded default (SQLite and local folders under QUERYPOSE_HOME)."""
     import ray
 
     ray.shutdown()  # the session's in-process Ray (a later module starts it again): the head gets the machine
@@ -110,6 +114,7 @@ def test_grid_runs_as_a_ray_job_on_a_local_head(tmp_path):
     env.pop("RAY_ADDRESS", None)
     # token auth on, with a token of the test's own for head and client alike (README: shared clusters)
     env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32))
+    env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # README: else Ray swaps 127.0.0.1 for the routable address
     port, dashboard = _free_port(), _free_port()
     # every listening port of the head picked free: the defaults may be held by another Ray on this machine
     agent_ports = [f"--{name}={_free_port()}" for name in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
@@ -119,7 +124,7 @@ def test_grid_runs_as_a_ray_job_on_a_local_head(tmp_path):
     head_log = (tmp_path / "head.log").open("w")
     head = subprocess.Popen(
         [str(bin_dir / "ray"), "start", "--head", "--block", f"--port={port}", "--node-ip-address=127.0.0.1",
-         "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--num-cpus=4", "--disable-usage-stats",
+         "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--num-cpus=2", "--disable-usage-stats",
          f"--temp-dir={temp_dir}", *agent_ports],
         env=env, stdout=head_log, stderr=subprocess.STDOUT, start_new_session=True,
     )  # fmt: skip
@@ -146,8 +151,11 @@ def test_grid_runs_as_a_ray_job_on_a_local_head(tmp_path):
         head_output = (tmp_path / "head.log").read_text()[-1500:] + "".join(log.read_text()[-1500:] for log in logs)
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:] + head_output
         assert "succeeded" in done.stdout.lower()
-        parents, children = grid_runs(tmp_path)
+        parents, children = grid_runs(f"sqlite:///{tmp_path / 'mlruns.db'}")
         assert len(parents) == 1 and len(children) == 1 and children[0].info.status == "FINISHED"
+        # the console: one progress line per log interval, not Ray Train's per-report dicts
+        assert "[part_dim=32" in done.stdout and "iter 2/2" in done.stdout
+        assert "Reporting training result" not in done.stdout and "mlflow ui --backend-store-uri sqlite:" in done.stdout
         assert (tmp_path / "data" / "synthetic" / "shards" / "train" / "manifest.json").is_file()
         assert (tmp_path / "ray_results" / "ablation_synthetic").is_dir()
     finally:
