@@ -67,14 +67,26 @@ def experiment_id(client: MlflowClient, tracking: TrackingConfig) -> str:
 
 
 def where_to_look(tracking: TrackingConfig) -> str:
-    """Where a person sees the runs: the server's URL, or the command that serves a local store."""
+    """Where a person sees the runs: the server's experiment page, or the command that serves a local store and
+    the page to open."""
     if not is_local_tracking(tracking.uri):
-        return f"MLflow: {tracking.uri} (experiment {tracking.experiment!r})"
+        return f"MLflow: open {experiment_page(tracking.uri.rstrip('/'), tracking)}"
     if tracking.uri == f"sqlite:///{PROJECT_ROOT / 'mlruns.db'}":
         command = "make mlflow-ui"
     else:
         command = f"mlflow ui --backend-store-uri {tracking.uri} --host 127.0.0.1 --port 5000"
-    return f"MLflow: {command}, then open http://127.0.0.1:5000 (experiment {tracking.experiment!r})"
+    return f"MLflow: {command}, then open {experiment_page('http://127.0.0.1:5000', tracking)}"
+
+
+def experiment_page(base_url: str, tracking: TrackingConfig) -> str:
+    """The experiment's runs page in MLflow 3's UI. `workflowType=machine_learning` opens the model-training view
+    (runs, metric charts side by side); a browser new to the UI otherwise lands on the GenAI overview."""
+    try:
+        experiment = client_for(tracking).get_experiment_by_name(tracking.experiment)
+    except Exception:  # an unreachable server: the experiments list still leads there
+        experiment = None
+    where = f"experiments/{experiment.experiment_id}" if experiment is not None else "experiments"
+    return f"{base_url}/#/{where}?workflowType=machine_learning"
 
 
 def find_run(client: MlflowClient, experiment: str, run_key: str) -> str | None:

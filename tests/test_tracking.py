@@ -63,3 +63,26 @@ def test_mlflow_system_metrics_find_the_gpu_package():
         GPUMonitor()
     except RuntimeError as error:
         assert "NVML" in str(error)
+
+
+def test_experiments_open_in_the_model_training_view(mlflow_server, tmp_path):
+    """MLflow 3's UI lands on its GenAI overview unless told otherwise: experiments carry the model-training kind
+    (set on new and on existing ones) and the printed page selects the training view."""
+    from querypose_platform.tracking import EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND, experiment_id, where_to_look
+
+    tracking = TrackingConfig(uri=mlflow_server.url, artifact_location=None, experiment="ui-kind")
+    client = MlflowClient(tracking.uri)
+    made = experiment_id(client, tracking)
+    assert client.get_experiment(made).tags[EXPERIMENT_KIND_TAG] == MODEL_TRAINING_KIND
+    old = client.create_experiment("ui-kind-old")  # an experiment made before the tag existed
+    assert (
+        experiment_id(client, TrackingConfig(uri=tracking.uri, artifact_location=None, experiment="ui-kind-old")) == old
+    )
+    assert client.get_experiment(old).tags[EXPERIMENT_KIND_TAG] == MODEL_TRAINING_KIND
+    assert (
+        where_to_look(tracking)
+        == f"MLflow: open {mlflow_server.url}/#/experiments/{made}?workflowType=machine_learning"
+    )
+    local = TrackingConfig(uri=f"sqlite:///{tmp_path / 'runs.db'}", artifact_location=str(tmp_path), experiment="x")
+    assert where_to_look(local).startswith(f"MLflow: mlflow ui --backend-store-uri {local.uri} --host 127.0.0.1")
+    assert where_to_look(local).endswith("/#/experiments?workflowType=machine_learning")  # not created yet
