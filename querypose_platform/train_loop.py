@@ -217,8 +217,10 @@ def report(iteration, metrics, latest_eval, model, optimizer, scheduler, cfg, ra
 
 
 def endless_batches(shard, batch_size: int, collate, seed: int) -> Iterator:
-    """Batches from the worker's shard of the train stream, starting a new pass whenever one ends; each pass
-    shuffles its local buffer with a seed of its own."""
+    """Batches from the worker's shard of the train stream: every epoch that max_iters needs, in one dataset that
+    begins where the run's latest checkpoint left it (trainer.train_stream). Should it run dry first (drop_last
+    remainders, the equal split over workers), it is iterated again; each pass shuffles its local buffer with a
+    seed of its own."""
     undecodable = 0  # rows dropped from batches that had no valid image left: counted with the next batch
     for shuffle_pass in itertools.count():
         produced = False
@@ -422,5 +424,5 @@ def attention_picture(model, val_shard, collate, cfg: ExperimentConfig):
 
 
 def epochs_for(cfg: ExperimentConfig, num_images: int) -> int:
-    """Passes over the train set that max_iters global batches need (at least one)."""
+    """Epochs of the train set that max_iters global batches need (at least one)."""
     return max(1, math.ceil(cfg.train.max_iters * cfg.train.batch_size / max(num_images, 1)))
