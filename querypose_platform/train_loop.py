@@ -34,7 +34,7 @@ from ray.train.v2._internal.execution import context as train_context
 from querypose import build_model
 from querypose.criterion import SetCriterion
 from querypose.engine import to_coco_results, train_step, unwrap
-from querypose.evaluation import METRIC_NAMES, evaluate_keypoints
+from querypose.evaluation import MAX_DETS, METRIC_NAMES, evaluate_keypoints
 from querypose.optim import build_optimizer, build_scheduler
 from querypose.weights import read_tensor_file, save_weights
 from querypose_platform import plots
@@ -293,7 +293,8 @@ def mean_over_ranks(terms: dict[str, float]) -> dict[str, float]:
 
 @torch.no_grad()
 def predict_shard(model, shard, collate) -> list[dict]:
-    """COCO result records for this rank's val images, in original image pixels."""
+    """COCO result records for this rank's val images, in original image pixels: the MAX_DETS best poses per image
+    (all that the protocols score), so what the ranks gather and the eval artifacts stay proportional to it."""
     module = unwrap(model)
     was_training = module.training
     module.eval()
@@ -306,7 +307,8 @@ def predict_shard(model, shard, collate) -> list[dict]:
             keypoints = poses["keypoints"].cpu().clone()
             keypoints[..., 0] /= sx
             keypoints[..., 1] /= sy
-            records.extend(to_coco_results({"keypoints": keypoints, "scores": poses["scores"].cpu()}, image_id))
+            scaled = {"keypoints": keypoints, "scores": poses["scores"].cpu()}
+            records.extend(to_coco_results(scaled, image_id, max_dets=MAX_DETS))
     module.train(was_training)
     return records
 
