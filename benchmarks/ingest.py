@@ -57,8 +57,9 @@ class ParquetRows(torch.utils.data.Dataset):
             "image_id": np.array(table["image_id"].to_pylist()),
             "image": _object_array(table["image"].to_pylist()),
             "people": _object_array(table["people"].to_pylist()),
+            "epoch": np.array([epoch]),
         }
-        out = _decode_and_transform(rows, self.cfg, train=True, epoch=epoch)
+        out = _decode_and_transform(rows, self.cfg, train=True)
         return {key: value[0] for key, value in out.items()}
 
 

@@ -72,9 +72,13 @@ def _touch_all_parameters(model: nn.Module) -> torch.Tensor:
 # --- evaluation ----------------------------------------------------------------------------------------------
 
 
-def to_coco_results(poses: dict[str, torch.Tensor], image_id: int) -> list[dict]:
+def to_coco_results(poses: dict[str, torch.Tensor], image_id: int, max_dets: int | None = None) -> list[dict]:
     """One image's predicted poses (keypoints (N, K, 3) in continuous original-image pixels, scores (N,)) -> COCO
-    keypoint result records, with x, y back in COCO's pixel-index convention."""
+    keypoint result records, with x, y back in COCO's pixel-index convention; with `max_dets`, only the
+    highest-scoring max_dets poses (evaluation.MAX_DETS: what the protocols score), best first."""
+    if max_dets is not None:
+        keep = poses["scores"].argsort(descending=True)[:max_dets]
+        poses = {"keypoints": poses["keypoints"][keep], "scores": poses["scores"][keep]}
     keypoints = poses["keypoints"].clone()
     keypoints[..., :2] -= KEYPOINT_PIXEL_CENTRE
     records = []

@@ -27,7 +27,10 @@ METRIC_NAMES = {  # by evaluation protocol (KeypointSpec.evaluation)
     "coco": ("AP", "AP50", "AP75", "APm", "APl", "AR", "AR50", "AR75", "ARm", "ARl"),
     "crowdpose": ("AP", "AP50", "AP75", "AR", "AR50", "AR75", "APe", "APm", "APh"),
 }
-CROWDPOSE_MAX_DETS = 20
+# Both protocols score at most the 20 best poses of an image (COCOeval's keypoint maxDets = [20]; CrowdPose's
+# top-20): predictions are cut to this before they are gathered or written (ranks, artifacts, eval job).
+MAX_DETS = 20
+CROWDPOSE_MAX_DETS = MAX_DETS
 
 
 def evaluate_keypoints(

@@ -13,6 +13,7 @@ import torch
 
 from querypose import build_model
 from querypose.engine import to_coco_results
+from querypose.evaluation import MAX_DETS
 from querypose.weights import load_weights
 from querypose_platform.config import TrackingConfig
 from querypose_platform.data import collate_batch
@@ -22,7 +23,8 @@ WEIGHTS_ARTIFACT = "model/model.pt"
 
 
 class Predictor:
-    """A Ray Data actor: loads the model once, turns batches of val rows into COCO result records."""
+    """A Ray Data actor: loads the model once, turns batches of val rows into COCO result records (the MAX_DETS
+    best poses per image: all that the protocols score)."""
 
     def __init__(self, weights: str, device: str = "cpu", threads: int | None = None):
         if threads:
@@ -50,9 +52,8 @@ class Predictor:
                 keypoints = poses["keypoints"].cpu().clone()
                 keypoints[..., 0] /= sx
                 keypoints[..., 1] /= sy
-                records[i] = json.dumps(
-                    to_coco_results({"keypoints": keypoints, "scores": poses["scores"].cpu()}, image_id)
-                )
+                scaled = {"keypoints": keypoints, "scores": poses["scores"].cpu()}
+                records[i] = json.dumps(to_coco_results(scaled, image_id, max_dets=MAX_DETS))
         return {"image_id": np.asarray(rows["image_id"]), "valid": valid, "records": np.array(records, dtype=object)}
 
 

@@ -154,9 +154,12 @@ def convert(
     shard_mb: float = 256,
     overwrite: bool = False,
     progress: bool = False,
+    row_group_rows: int = ROW_GROUP_ROWS,
 ) -> dict[str, Any]:
     """Write the shard set of a built-in set's name or a KeypointSpec; returns its manifest. A finished output is
-    left alone unless `overwrite`. Annotations of another category than the file's keypoint category are skipped."""
+    left alone unless `overwrite`. Annotations of another category than the file's keypoint category are skipped.
+    Shards hold about `shard_mb` of image bytes each, in row groups of `row_group_rows` images (the unit that the
+    train stream shuffles, reads and resumes by)."""
     spec = get_spec(keypoint_set) if isinstance(keypoint_set, str) else keypoint_set
     annotations, images = Path(annotations), Path(images)
     if not annotations.is_file():
@@ -194,7 +197,7 @@ def convert(
         fs.delete_dir(staging)  # on an object store: the set being overwritten, or an interrupted one's files
     fs.create_dir(staging, recursive=True)
     try:
-        manifest = _write_shards(fs, staging, content, people, images, spec, shard_mb, progress)
+        manifest = _write_shards(fs, staging, content, people, images, spec, shard_mb, progress, row_group_rows)
         manifest["category"] = category
         manifest["skipped_annotations"] = skipped_annotations
         manifest["source"] = {"annotations": str(annotations), "images": str(images)}
@@ -245,7 +248,9 @@ def manifest_spec(manifest: dict[str, Any]) -> KeypointSpec:
     return get_spec(manifest["dataset"])
 
 
-def _write_shards(fs, staging, content, people, images: Path, spec: KeypointSpec, shard_mb: float, progress: bool):
+def _write_shards(
+    fs, staging, content, people, images: Path, spec: KeypointSpec, shard_mb: float, progress: bool, group_rows: int
+):
     limit = shard_mb * 1024 * 1024
     shards: list[dict] = []
     skipped_images: list[dict] = []
@@ -259,7 +264,7 @@ def _write_shards(fs, staging, content, people, images: Path, spec: KeypointSpec
         name = f"part-{len(shards):05d}.parquet"
         table = pa.Table.from_pylist(rows, schema=SCHEMA)
         sink = pa.BufferOutputStream()
-        pq.write_table(table, sink, row_group_size=ROW_GROUP_ROWS)
+        pq.write_table(table, sink, row_group_size=group_rows)
         data = sink.getvalue().to_pybytes()
         with fs.open_output_stream(f"{staging}/{name}") as stream:
             stream.write(data)

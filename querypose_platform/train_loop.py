@@ -34,7 +34,7 @@ from ray.train.v2._internal.execution import context as train_context
 from querypose import build_model
 from querypose.criterion import SetCriterion
 from querypose.engine import to_coco_results, train_step, unwrap
-from querypose.evaluation import METRIC_NAMES, evaluate_keypoints
+from querypose.evaluation import MAX_DETS, METRIC_NAMES, evaluate_keypoints
 from querypose.optim import build_optimizer, build_scheduler
 from querypose.weights import read_tensor_file, save_weights
 from querypose_platform import plots
@@ -217,8 +217,10 @@ def report(iteration, metrics, latest_eval, model, optimizer, scheduler, cfg, ra
 
 
 def endless_batches(shard, batch_size: int, collate, seed: int) -> Iterator:
-    """Batches from the worker's shard of the train stream, starting a new pass whenever one ends; each pass
-    shuffles its local buffer with a seed of its own."""
+    """Batches from the worker's shard of the train stream: every epoch that max_iters needs, in one dataset that
+    begins where the run's latest checkpoint left it (trainer.train_stream). Should it run dry first (drop_last
+    remainders, the equal split over workers), it is iterated again; each pass shuffles its local buffer with a
+    seed of its own."""
     undecodable = 0  # rows dropped from batches that had no valid image left: counted with the next batch
     for shuffle_pass in itertools.count():
         produced = False
@@ -291,7 +293,8 @@ def mean_over_ranks(terms: dict[str, float]) -> dict[str, float]:
 
 @torch.no_grad()
 def predict_shard(model, shard, collate) -> list[dict]:
-    """COCO result records for this rank's val images, in original image pixels."""
+    """COCO result records for this rank's val images, in original image pixels: the MAX_DETS best poses per image
+    (all that the protocols score), so what the ranks gather and the eval artifacts stay proportional to it."""
     module = unwrap(model)
     was_training = module.training
     module.eval()
@@ -304,7 +307,8 @@ def predict_shard(model, shard, collate) -> list[dict]:
             keypoints = poses["keypoints"].cpu().clone()
             keypoints[..., 0] /= sx
             keypoints[..., 1] /= sy
-            records.extend(to_coco_results({"keypoints": keypoints, "scores": poses["scores"].cpu()}, image_id))
+            scaled = {"keypoints": keypoints, "scores": poses["scores"].cpu()}
+            records.extend(to_coco_results(scaled, image_id, max_dets=MAX_DETS))
     module.train(was_training)
     return records
 
@@ -422,5 +426,5 @@ def attention_picture(model, val_shard, collate, cfg: ExperimentConfig):
 
 
 def epochs_for(cfg: ExperimentConfig, num_images: int) -> int:
-    """Passes over the train set that max_iters global batches need (at least one)."""
+    """Epochs of the train set that max_iters global batches need (at least one)."""
     return max(1, math.ceil(cfg.train.max_iters * cfg.train.batch_size / max(num_images, 1)))

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
+import logging
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,6 +21,8 @@ from querypose_platform.shards import ensure_synthetic_shards, read_manifest
 from querypose_platform.tracking import RunSpec, find_run_id, flatten, mark_failed
 from querypose_platform.train_loop import epochs_for, train_loop_per_worker, val_dataset_name
 
+logger = logging.getLogger(__name__)
+
 
 @dataclass
 class TrainOutcome:
@@ -31,18 +36,42 @@ def default_run_key(cfg: ExperimentConfig) -> str:
     return f"train:{cfg.run.storage_path.rstrip('/')}/{cfg.run.name}"
 
 
-def build_datasets(cfg: ExperimentConfig) -> dict[str, ray.data.Dataset]:
-    """The train stream (every pass a new augmentation epoch) and one val part per rank."""
+def build_datasets(cfg: ExperimentConfig) -> dict[str, ray.data.Dataset | Callable[[], ray.data.Dataset]]:
+    """The train stream (all the epochs that max_iters needs, in one dataset), as a function that Ray Train calls
+    whenever it starts the worker group (see `train_stream`), and one val part per rank (its own row groups)."""
     # Per-operator progress bars redrawn by the split coordinator turn a job log into megabytes of \r lines.
     ray.data.DataContext.get_current().enable_progress_bars = sys.stdout.isatty()
     train_uri = cfg.data.split_uri(cfg.data.train_split)
     val_uri = cfg.data.split_uri(cfg.data.val_split)
     num_images = training_image_counts(read_manifest(train_uri))["data.train_images"]
-    datasets = {"train": build_dataset(train_uri, cfg, train=True, epochs=epochs_for(cfg, num_images))}
+    datasets = {"train": functools.partial(train_stream, cfg, train_uri, epochs_for(cfg, num_images))}
     workers = cfg.scaling.num_workers
     for rank in range(workers):
         datasets[val_dataset_name(rank)] = build_dataset(val_uri, cfg, train=False, part=(rank, workers))
     return datasets
+
+
+def train_stream(cfg: ExperimentConfig, uri: str, epochs: int) -> ray.data.Dataset:
+    """The train dataset as Ray Train builds it (a callable in `datasets`) at every start of the worker group: the
+    first, each retry after a failure (FailureConfig) and a stopped run fitted again. The train loop goes on from
+    the latest checkpoint's iteration, so the stream starts after the row groups that those iterations consumed
+    (`data.resume_offset`) instead of at the first epoch's first row group."""
+    return build_dataset(uri, cfg, train=True, epochs=epochs, start_iteration=latest_checkpoint_iteration(cfg))
+
+
+def latest_checkpoint_iteration(cfg: ExperimentConfig) -> int:
+    """The iteration of the run's latest checkpoint: the one Ray Train hands the workers to restore (the loop
+    reports "iteration" with every checkpoint). 0 for a new run, or where the run folder cannot be read (the
+    stream then replays from the start, as it did before resuming existed)."""
+    path = f"{cfg.run.storage_path.rstrip('/')}/{cfg.run.name}"
+    try:
+        result = ray.train.Result.from_path(path)
+    except RuntimeError:  # no run folder yet, or no checkpoint snapshot in it
+        return 0
+    except Exception as error:  # noqa: BLE001 - a snapshot Ray cannot read: replaying is safe, skipping is not
+        logger.warning("train stream starts at the first epoch: cannot read the run at %s (%s)", path, error)
+        return 0
+    return int((result.metrics or {}).get("iteration", 0))
 
 
 def training_image_counts(manifest: dict[str, Any]) -> dict[str, int]:

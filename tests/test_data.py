@@ -1,5 +1,7 @@
 """The Ray Data pipeline over shards: fresh augmentation every epoch, reproducible from the seed, the val path
-without augmentation, corrupt rows dropped and counted, and the padding collate_fn."""
+without augmentation, corrupt rows dropped and counted, and the padding collate_fn. The train stream at scale: the
+first batch after a small share of the row groups is read, every image once per epoch in a new order, a resumed
+stream past what its checkpoint consumed; each rank's val part reads only its own row groups."""
 
 from __future__ import annotations
 
@@ -12,8 +14,18 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from querypose.synthetic import write_synthetic_dataset
+from querypose.transforms import has_people
 from querypose_platform.config import load_config
-from querypose_platform.data import BatchCollator, _object_array, build_dataset, collate_batch
+from querypose_platform.data import (
+    BatchCollator,
+    _object_array,
+    build_dataset,
+    collate_batch,
+    resume_offset,
+    row_groups,
+    train_items,
+)
 from querypose_platform.shards import MANIFEST, convert, ensure_synthetic_shards, read_manifest, shard_files
 from querypose_platform.trainer import training_image_counts
 
@@ -150,3 +162,103 @@ def test_collate_pads_to_a_multiple_of_32_and_keeps_targets():
 
     empty = collate_batch({**batch, "valid": np.array([False, False, False])}, 17)
     assert empty.dropped == 3 and empty.images.shape[0] == 0 and empty.targets == []
+
+
+# --- the stream at scale: a set spanning many shards and row groups -------------------------------------------------
+
+FIRST_BATCH_READ_SHARE = 0.25  # of the run's row-group reads; the old union of passes read a whole pass (1/2) first
+
+
+@pytest.fixture(scope="module")
+def many_groups(tmp_path_factory) -> str:
+    """80 images of 48 px in about 16 shards of 3 row groups of 2 images: about 48 row groups per epoch."""
+    folder = tmp_path_factory.mktemp("many_groups")
+    gt = write_synthetic_dataset(folder / "raw", num_images=80, dataset="coco", seed=5, image_size=48)
+    uri = str(folder / "shards" / "train")
+    convert("coco", gt, gt.parent / "images", uri, shard_mb=0.008, row_group_rows=2)
+    return uri
+
+
+def trainable_ids(groups: list[dict]) -> dict[tuple[str, int], list[int]]:
+    """Image ids with a non-crowd person, by (file, row group)."""
+    out = {}
+    for group in groups:
+        table = pq.ParquetFile(group["file"]).read_row_group(group["row_group"], columns=["image_id", "people"])
+        out[group["file"], group["row_group"]] = [
+            row["image_id"] for row in table.to_pylist() if has_people(row["people"])
+        ]
+    return out
+
+
+def reads(trace: Path) -> list[int]:
+    return sorted(int(path.name) for path in trace.iterdir())
+
+
+def test_the_first_batch_comes_after_a_small_share_of_the_row_groups(ray_local, data_root, many_groups, tmp_path):
+    cfg = config(data_root)
+    groups = row_groups(shard_files(many_groups))
+    assert len(shard_files(many_groups)) >= 10 and len(groups) >= 40
+    dataset = build_dataset(many_groups, cfg, train=True, epochs=2, trace_reads=str(tmp_path))
+    next(iter(dataset.iter_batches(batch_size=2)))
+    read_before_first_batch = len(reads(tmp_path))  # the executor goes on reading: count at once
+    assert 1 <= read_before_first_batch <= FIRST_BATCH_READ_SHARE * 2 * len(groups), read_before_first_batch
+
+
+def test_two_epochs_yield_every_image_once_per_epoch_in_new_orders(ray_local, data_root, many_groups):
+    cfg = config(data_root)
+    groups = row_groups(shard_files(many_groups))
+    expected = sorted(i for ids in trainable_ids(groups).values() for i in ids)
+    items = train_items(groups, 2, cfg.train.seed)
+    orders = [[(item["file"], item["row_group"]) for item in items if item["epoch"] == e] for e in (0, 1)]
+    assert sorted(orders[0]) == sorted(orders[1]) and orders[0] != orders[1], "each epoch: every group, a new order"
+    assert train_items(groups, 2, cfg.train.seed) == items != train_items(groups, 2, cfg.train.seed + 1)
+
+    arrived: dict[int, list[int]] = {0: [], 1: []}  # image ids per epoch, in the order the stream gave them
+    for batch in build_dataset(many_groups, cfg, train=True, epochs=2).iter_batches(batch_size=8):
+        for image_id, epoch in zip(batch["image_id"].tolist(), batch["epoch"].tolist(), strict=True):
+            arrived[epoch].append(image_id)
+    assert sorted(arrived[0]) == sorted(arrived[1]) == expected
+    assert arrived[0] != arrived[1]
+
+
+def test_a_resumed_stream_starts_past_the_row_groups_its_checkpoint_consumed(
+    ray_local, data_root, many_groups, tmp_path
+):
+    cfg = config(data_root, "train.batch_size=4")
+    groups = row_groups(shard_files(many_groups))
+    items = train_items(groups, 2, cfg.train.seed)
+    epoch_rows = sum(group["rows"] for group in groups)
+    start_iteration = (3 * epoch_rows // 2) // 4  # half-way through the second epoch
+    offset = resume_offset(items, start_iteration * 4)
+    done = [sum(item["rows"] for item in items[:n]) for n in (offset, offset + 1)]
+    assert done[0] <= start_iteration * 4 < done[1], "skips the items wholly consumed, and only those"
+    assert len(groups) < offset < len(items)
+
+    resumed = build_dataset(
+        many_groups, cfg, train=True, epochs=2, start_iteration=start_iteration, trace_reads=str(tmp_path)
+    ).take_all()
+    assert reads(tmp_path) == list(range(offset, len(items))), "no row group before the resume point is read"
+    by_group = trainable_ids(groups)
+    expected = sorted(i for item in items[offset:] for i in by_group[item["file"], item["row_group"]])
+    assert sorted(int(row["image_id"]) for row in resumed) == expected
+    assert {int(row["epoch"]) for row in resumed} == {1}
+
+
+def test_each_rank_reads_only_its_own_val_row_groups(ray_local, data_root, many_groups, tmp_path):
+    cfg = config(data_root)
+    groups = row_groups(shard_files(many_groups))
+    all_ids = set(pq.read_table(shard_files(many_groups), columns=["image_id"])["image_id"].to_pylist())
+    seen: list[set[int]] = []
+    for rank in range(3):
+        trace = tmp_path / f"rank{rank}"
+        trace.mkdir()
+        rows = build_dataset(many_groups, cfg, train=False, part=(rank, 3), trace_reads=str(trace)).take_all()
+        assert reads(trace) == list(range(rank, len(groups), 3))
+        own = {
+            image_id
+            for group in groups[rank::3]
+            for image_id in pq.ParquetFile(group["file"]).read_row_group(group["row_group"])["image_id"].to_pylist()
+        }
+        assert {int(row["image_id"]) for row in rows} == own
+        seen.append(own)
+    assert sum(map(len, seen)) == len(all_ids) and set().union(*seen) == all_ids

@@ -23,10 +23,15 @@ import ray.train
 import torch
 from mlflow import MlflowClient
 
+from querypose import build_model
+from querypose.evaluation import MAX_DETS
+from querypose.weights import save_weights
 from querypose_platform.config import load_config
+from querypose_platform.data import BatchCollator, build_dataset
+from querypose_platform.inference import predict_dataset
 from querypose_platform.shards import convert, ensure_synthetic_shards
-from querypose_platform.train_loop import CHECKPOINT_FILE, checkpoint_state, prepare_training
-from querypose_platform.trainer import fit
+from querypose_platform.train_loop import CHECKPOINT_FILE, checkpoint_state, predict_shard, prepare_training
+from querypose_platform.trainer import fit, latest_checkpoint_iteration
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT / "experiments"))
@@ -259,6 +264,29 @@ def test_one_worker_batch_2b_equals_two_workers_batch_b(ray_local, identical_ima
     assert (tmp_path / "two" / "artifacts").is_dir() and (tmp_path / "two" / "mlruns.db").is_file()
 
 
+def test_eval_records_are_the_20_best_poses_per_image(ray_local, identical_images, tmp_path):
+    """What the protocols score (maxDets 20) is all that the ranks gather, the eval artifacts hold and the eval
+    job writes: the training loop's evaluation and the eval job's actors both cut a 30-query model's poses."""
+    cfg = local_config(tmp_path, identical_images, "model.num_queries=30")
+    model = build_model(cfg.model).eval()
+    collate = BatchCollator(cfg.model.spec.num_keypoints)
+    val = build_dataset(cfg.data.split_uri("val"), cfg, train=False)
+    weights = save_weights(model, cfg.model, tmp_path / "model.pt")
+    in_loop = predict_shard(model, val, collate)
+    in_job, dropped = predict_dataset(val, str(weights))
+    batch = next(iter(val.iter_torch_batches(batch_size=4, collate_fn=collate)))
+    poses = model.inference(batch.images, batch.image_sizes)
+    best = {
+        image_id: sorted(result["scores"].tolist(), reverse=True)[:MAX_DETS]
+        for image_id, result in zip(batch.image_ids.tolist(), poses, strict=True)
+    }
+    assert dropped == 0 and len(best) == 4
+    for records in (in_loop, in_job):
+        for image_id, scores in best.items():
+            kept = sorted((r["score"] for r in records if r["image_id"] == image_id), reverse=True)
+            assert kept == pytest.approx(scores, abs=1e-5)
+
+
 def test_killed_worker_is_retried_from_its_checkpoint_in_the_bucket(ray_local, shards, s3, mlflow_server):
     cfg = cluster_config("fault", s3, mlflow_server, shards, "train.batch_size=1", "train.max_iters=4",
                          "train.checkpoint_every=2", "train.eval_every=100", "train.fail_at_iter=3",
@@ -270,6 +298,8 @@ def test_killed_worker_is_retried_from_its_checkpoint_in_the_bucket(ray_local, s
     # iteration 3 died before it was logged; the retry resumed at 2 (not 0) and logged 3 and 4 once each
     assert runs[0].data.tags["querypose.resumed_from_iteration"] == "2"
     assert steps(cfg, outcome.run_id, "train/loss") == [1, 2, 3, 4]
+    # where a rerun's train stream would start (trainer.train_stream): the checkpoint in the bucket, read back
+    assert latest_checkpoint_iteration(cfg) == 4
 
 
 def test_rerunning_a_stopped_job_continues_from_its_checkpoint_in_the_bucket(ray_local, shards, s3, mlflow_server):
