@@ -60,7 +60,8 @@ def test_custom_set_converts_trains_evaluates_and_draws(tmp_path):
     for key, values in columns.items():
         for i, value in enumerate(values):  # 1-D object columns, as Ray Data's numpy batches hold them
             rows[key][i] = value
-    batch = collate_batch(_decode_and_transform(rows, cfg, train=True, epoch=0), spec.num_keypoints)
+    rows["epoch"] = np.zeros(len(rows["image_id"]), np.int64)  # the column the train stream's reads add
+    batch = collate_batch(_decode_and_transform(rows, cfg, train=True), spec.num_keypoints)
     assert batch.targets[0]["keypoints"].shape[1:] == (20, 3)
 
     torch.manual_seed(0)

@@ -64,7 +64,7 @@ def test_stopped_grid_resumes_without_duplicate_runs_and_logs_the_table(ray_loca
     assert s3.keys("grid-tests/ray_results/ablation_synthetic/cells")  # the cells' checkpoints
     # with a server, the script names its URL instead of the local UI's command
     printed = capsys.readouterr().out
-    assert f"MLflow: {mlflow_server.url}" in printed and "make mlflow-ui" not in printed
+    assert f"MLflow: open {mlflow_server.url}/#/experiments/" in printed and "make mlflow-ui" not in printed
 
     client = MlflowClient(mlflow_server.url)
     parent = parents[0].info.run_id
