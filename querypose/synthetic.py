@@ -77,6 +77,15 @@ def _rotate(vector: np.ndarray, degrees: float) -> np.ndarray:
     return np.array([c * vector[0] - s * vector[1], s * vector[0] + c * vector[1]])
 
 
+def _leg(root, up, facing: float, rng, upper_range, lower_range, lengths) -> tuple[np.ndarray, np.ndarray]:
+    """Knee and paw of a leg hanging from `root`: angles (degrees from straight down, positive towards the head)
+    drawn from the two ranges, upper first."""
+    upper = _rotate(-up, -facing * rng.uniform(*upper_range))
+    lower = _rotate(upper, -facing * rng.uniform(*lower_range))
+    knee = root + upper * lengths[0]
+    return knee, knee + lower * lengths[1]
+
+
 def _skeleton(rng: np.random.Generator, hip_center: np.ndarray, height: float) -> dict[str, np.ndarray]:
     """Joint positions (image pixels, y down) of one person `height` pixels tall, facing the camera or away."""
     lean = rng.uniform(-15, 15)
@@ -160,17 +169,11 @@ def _quadruped(rng: np.random.Generator, center: np.ndarray, length: float) -> d
         # Leg angles in degrees from straight down, positive towards the head: the lower front leg swings back,
         # the hock forward.
         shoulder = joints["withers"] - up * 0.12 * length + offset
-        upper = _rotate(-up, -facing * rng.uniform(-25, 30))
-        lower = _rotate(upper, -facing * rng.uniform(-35, 10))
-        joints[f"{side}_shoulder"] = shoulder
-        joints[f"{side}_front_knee"] = shoulder + upper * 0.28 * length
-        joints[f"{side}_front_paw"] = joints[f"{side}_front_knee"] + lower * 0.27 * length
+        knee, paw = _leg(shoulder, up, facing, rng, (-25, 30), (-35, 10), (0.28 * length, 0.27 * length))
+        joints |= {f"{side}_shoulder": shoulder, f"{side}_front_knee": knee, f"{side}_front_paw": paw}
         hip = joints["croup"] - up * 0.12 * length + offset
-        upper = _rotate(-up, -facing * rng.uniform(-30, 20))
-        lower = _rotate(upper, -facing * rng.uniform(-10, 40))
-        joints[f"{side}_hip"] = hip
-        joints[f"{side}_back_knee"] = hip + upper * 0.3 * length
-        joints[f"{side}_back_paw"] = joints[f"{side}_back_knee"] + lower * 0.27 * length
+        knee, paw = _leg(hip, up, facing, rng, (-30, 20), (-10, 40), (0.3 * length, 0.27 * length))
+        joints |= {f"{side}_hip": hip, f"{side}_back_knee": knee, f"{side}_back_paw": paw}
     joints["neck"] = joints["withers"] + (up * 0.22 + forward * 0.08) * length
     lift = -facing * rng.uniform(0, 50)  # the head raised above the neck's line
     joints["head_center"] = joints["neck"] + _rotate(forward, lift) * 0.25 * length
