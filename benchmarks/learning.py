@@ -136,15 +136,22 @@ def main(argv: list[str] | None = None) -> int:
     early_grad_norms: list[float] = []  # the first GRAD_NORM_ITERS iterations' norms before clipping
     trained_s, cpu_s = pretrain_s, 0.0
     iteration, next_eval, recent = 0, eval_every * 60, []
+    last = cfg.model.num_stages - 1
+    recent_terms: dict[str, list[float]] = {f"loss_{t}_s{last}": [] for t in ("cls", "giou", "rle")}
 
     def record() -> None:
         metrics = evaluate(model, val_samples, splits["val"][0], cfg.model.spec)
         point = {"minutes": round(trained_s / 60, 2), "iterations": iteration, "cpu_minutes": round(cpu_s / 60, 2),
                  "loss": round(float(np.mean(recent)), 3) if recent else None, **metrics}  # fmt: skip
+        # The last stage's unweighted terms since the previous evaluation: which part of the task lags.
+        point["last_stage"] = {name: round(float(np.mean(v)), 4) for name, v in recent_terms.items() if v}
         curve.append(point)
-        print(f"[learning] {point['minutes']:6.2f} min  it {iteration:6d}  loss {point['loss']}  "
+        terms = "  ".join(f"{name.split('_')[1]} {value}" for name, value in point["last_stage"].items())
+        print(f"[learning] {point['minutes']:6.2f} min  it {iteration:6d}  loss {point['loss']} ({terms})  "
               f"AP {metrics['AP']:.3f}  AP50 {metrics['AP50']:.3f}  AR {metrics['AR']:.3f}", flush=True)  # fmt: skip
         recent.clear()
+        for values in recent_terms.values():
+            values.clear()
 
     def done() -> bool:
         return trained_s >= args.minutes * 60 or (args.iterations is not None and iteration >= args.iterations)
@@ -162,6 +169,8 @@ def main(argv: list[str] | None = None) -> int:
         cpu_s += time.process_time() - cpu
         iteration += 1
         recent.append(terms["loss"])
+        for name, values in recent_terms.items():
+            values.append(terms[name])
         if iteration <= GRAD_NORM_ITERS:
             early_grad_norms.append(terms["grad_norm"])
         if eval_due():

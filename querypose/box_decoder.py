@@ -53,11 +53,17 @@ class BoxStage(nn.Module):
         nn.init.constant_(self.cls_logits.bias, -math.log((1 - PRIOR_PROB) / PRIOR_PROB))
 
     def forward(
-        self, features: list[torch.Tensor], boxes: torch.Tensor, queries: torch.Tensor
+        self, features: list[torch.Tensor], boxes: torch.Tensor, queries: torch.Tensor, groups: int = 1
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """boxes (B, N, 4) xyxy pixels (detached), queries (B, N, d) -> logits (B, N), boxes (B, N, 4), queries."""
+        """boxes (B, N, 4) xyxy pixels (detached), queries (B, N, d) -> logits (B, N), boxes (B, N, 4), queries.
+
+        With query groups (training only) B = images x groups: row b * groups + g is group g of image b, and the
+        self-attention stays within a row, so within a group."""
         batch, num_queries, dim = queries.shape
-        image_index = torch.arange(batch, device=boxes.device).repeat_interleave(num_queries)
+        image_index = torch.arange(batch, device=boxes.device)
+        if groups > 1:
+            image_index = image_index.div(groups, rounding_mode="floor")
+        image_index = image_index.repeat_interleave(num_queries)
         rois = rois_from_boxes(boxes.reshape(-1, 4), image_index)
         tokens = self.pooler(features, rois).flatten(2).transpose(1, 2)  # (B*N, 49, d)
 

@@ -87,6 +87,11 @@ class ModelConfig:
     # from unmatched queries by that update alone, a cue absent at inference where every query is updated.
     # "all" (beyond the paper) runs every query as inference does. keypoint_cost > 0 implies "all".
     keypoint_training_queries: KeypointTrainingQueries = "matched"
+    # One-to-many supervision in training (beyond the paper; Group DETR, Chen et al. 2023): G groups of N queries,
+    # each group matched one-to-one to the people on its own and attending only within itself, so every person
+    # trains G queries per stage instead of one. Inference runs group 0 alone: the same N queries, still NMS-free.
+    # 1 = the paper.
+    query_groups: int = 1
     focal_alpha: float = 0.25
     focal_gamma: float = 2.0
     # What a matched query's classification is trained towards. "binary" (the paper): 1. "iou" / "oks" (beyond the
@@ -148,7 +153,7 @@ class ModelConfig:
         return spec
 
     def _check_ranges(self) -> None:
-        positive = ("num_queries", "num_stages", "hidden_dim", "ffn_dim", "num_heads", "dynamic_dim",
+        positive = ("num_queries", "query_groups", "num_stages", "hidden_dim", "ffn_dim", "num_heads", "dynamic_dim",
                     "tower_channels", "tower_convs", "test_short_side", "test_max_size", "prune_keep")  # fmt: skip
         for name in positive:
             if getattr(self, name) < 1:

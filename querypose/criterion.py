@@ -73,7 +73,13 @@ class SetCriterion(nn.Module):
         """
         device = outputs["stages"][0]["logits"].device
         image_sizes = image_sizes.to(device)
-        num_people = self.num_people(targets, device)
+        # With G query groups each person is matched once per group: the terms are means over the G matchings.
+        groups = outputs.get("query_groups", 1)
+        num_people = self.num_people(targets, device) * groups
+        people = targets
+        if groups > 1:
+            targets = [target for target in targets for _ in range(groups)]
+            image_sizes = image_sizes.repeat_interleave(groups, dim=0)
         losses: dict[str, torch.Tensor] = {}
         total = torch.zeros((), device=device)
         for s, stage in enumerate(outputs["stages"]):
@@ -90,7 +96,7 @@ class SetCriterion(nn.Module):
                 total = total + self.weights[name] * losses[f"loss_{name}_s{s}"]
         if "heatmap" in outputs:
             heatmap = outputs["heatmap"]
-            target = render_heatmaps(targets, tuple(heatmap.shape[-2:]), heatmap.shape[1])
+            target = render_heatmaps(people, tuple(heatmap.shape[-2:]), heatmap.shape[1])
             losses["loss_aux_heatmap"] = heatmap_focal_loss(heatmap, target.to(heatmap.device))
             total = total + self.aux_heatmap_weight * losses["loss_aux_heatmap"]
         losses["loss"] = total

@@ -50,8 +50,9 @@ class QueryPose(nn.Module):
         self.backbone = Backbone(cfg)
         self.box_stages = nn.ModuleList(BoxStage(cfg) for _ in range(cfg.num_stages))
         self.keypoint_stages = nn.ModuleList(KeypointStage(cfg, self.spec) for _ in range(cfg.num_stages))
-        self.init_boxes = nn.Embedding(cfg.num_queries, 4)
-        self.init_features = nn.Embedding(cfg.num_queries, cfg.hidden_dim)
+        # query_groups x N rows: group g is rows g*N..(g+1)*N; inference reads group 0.
+        self.init_boxes = nn.Embedding(cfg.query_groups * cfg.num_queries, 4)
+        self.init_features = nn.Embedding(cfg.query_groups * cfg.num_queries, cfg.hidden_dim)
         if self.uses_part_queries:
             self.init_part_queries = nn.Embedding(num_parts, cfg.part_dim)
         self.flow = RealNVP()  # training only: the RLE loss's density of residuals
@@ -101,23 +102,31 @@ class QueryPose(nn.Module):
                 module.fused = fused_attention
         return self
 
-    def _initial_state(self, image_sizes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        batch = image_sizes.shape[0]
+    def _initial_state(
+        self, image_sizes: torch.Tensor, groups: int = 1
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """The first `groups` query groups of every image as (B * groups, N, ...) rows (row b * groups + g): boxes
+        (B G, N, 4), instance (B G, N, d), parts (B G, N, M, d_p) or None."""
+        batch, num_queries = image_sizes.shape[0], self.cfg.num_queries
+        rows = groups * num_queries
         whwh = image_sizes.flip(1).repeat(1, 2).to(self.init_boxes.weight)  # (B, 4) = (w, h, w, h)
-        boxes = box_convert(self.init_boxes.weight, "cxcywh", "xyxy")[None] * whwh[:, None]  # (B, N, 4)
-        instance = self.init_features.weight[None].expand(batch, -1, -1)  # (B, N, d)
+        unit_boxes = box_convert(self.init_boxes.weight[:rows], "cxcywh", "xyxy").view(1, groups, num_queries, 4)
+        boxes = (unit_boxes * whwh[:, None, None]).flatten(0, 1)  # (B*G, N, 4)
+        instance = self.init_features.weight[:rows].view(1, groups, num_queries, -1)
+        instance = instance.expand(batch, -1, -1, -1).flatten(0, 1)  # (B*G, N, d)
         parts = None
         if self.uses_part_queries:
-            parts = self.init_part_queries.weight[None, None].expand(batch, self.cfg.num_queries, -1, -1)  # (B,N,M,dp)
+            parts = self.init_part_queries.weight[None, None].expand(batch * groups, num_queries, -1, -1)
         return boxes, instance, parts
 
-    def _keypoint_stage(self, stage, p2, boxes, instance, parts, batch_index, query_index):
+    def _keypoint_stage(self, stage, p2, boxes, instance, parts, batch_index, query_index, groups=1):
         """Run keypoint stage `stage` on the selected (batch_index, query_index) queries and scatter the updated
-        query state back, so each query's part state stays its own across stages."""
+        query state back, so each query's part state stays its own across stages. batch_index counts rows of
+        the (B * groups, N) state; its image is batch_index // groups."""
         out = self.keypoint_stages[stage](
             p2,
             boxes[batch_index, query_index],
-            batch_index,
+            batch_index.div(groups, rounding_mode="floor") if groups > 1 else batch_index,
             instance[batch_index, query_index],
             None if parts is None else parts[batch_index, query_index],
         )
@@ -135,27 +144,32 @@ class QueryPose(nn.Module):
         """images (B, 3, H, W) float 0..255 RGB, zero-padded; image_sizes (B, 2) [h, w]; targets: B dicts with
         "boxes" (P, 4) xyxy pixels and "keypoints" (P, K, 3).
 
-        Returns {"stages": [...]}, per stage: logits (B, N), boxes (B, N, 4), indices (B pairs of matched
-        (pred_idx, gt_idx)), keypoint_mu / keypoint_sigma (T, K, 2) for the T matched queries in indices order,
+        Returns {"stages": [...], "query_groups": G}, per stage: logits (B G, N), boxes (B G, N, 4), indices
+        (B G pairs of matched (pred_idx, gt_idx); row b G + g is query group g of image b, matched to image b's
+        people), keypoint_mu / keypoint_sigma (T, K, 2) for the T matched queries in indices order,
         keypoint_boxes (T, 4) the detached boxes they are relative to; with model.aux_heatmap also "heatmap"
-        (B, K, H/4, W/4) logits.
+        (B, K, H/4, W/4) logits. G = model.query_groups (1: the paper).
         """
-        features = self._features(self.normalise(images), image_sizes)
-        boxes, instance, parts = self._initial_state(image_sizes)
+        groups = self.cfg.query_groups
+        if groups > 1:  # every group is matched to the same people
+            targets = [target for target in targets for _ in range(groups)]
+            image_sizes = image_sizes.repeat_interleave(groups, dim=0)
+        features = self._features(self.normalise(images), image_sizes[::groups])
+        boxes, instance, parts = self._initial_state(image_sizes[::groups], groups)
         stages = []
         for stage in range(self.cfg.num_stages):
-            logits, refined, instance = self.box_stages[stage](features, boxes, instance)
+            logits, refined, instance = self.box_stages[stage](features, boxes, instance, groups)
             boxes = refined.detach()
             if self.cfg.keypoint_cost > 0 or self.cfg.keypoint_training_queries == "all":
                 stage_out = self._match_after_all_queries(
-                    stage, features[0], logits, boxes, instance, parts, targets, image_sizes
+                    stage, features[0], logits, boxes, instance, parts, targets, image_sizes, groups
                 )
                 out, instance, parts, indices, batch_index, query_index = stage_out
             else:
                 indices = self.matcher(logits, refined, targets, image_sizes)
                 batch_index, query_index = _flatten_indices(indices, boxes.device)
                 out, instance, parts = self._keypoint_stage(
-                    stage, features[0], boxes, instance, parts, batch_index, query_index
+                    stage, features[0], boxes, instance, parts, batch_index, query_index, groups
                 )
             stages.append(
                 {
@@ -167,16 +181,16 @@ class QueryPose(nn.Module):
                     "keypoint_boxes": boxes[batch_index, query_index],
                 }
             )
-        outputs = {"stages": stages}
+        outputs = {"stages": stages, "query_groups": groups}
         if self.cfg.aux_heatmap:
             outputs["heatmap"] = self.heatmap_head(features[0])
         return outputs
 
-    def _match_after_all_queries(self, stage, p2, logits, boxes, instance, parts, targets, image_sizes):
+    def _match_after_all_queries(self, stage, p2, logits, boxes, instance, parts, targets, image_sizes, groups):
         """Run keypoint stage `stage` on all N queries (poses at stage s depend only on B^s), then match, on boxes
         and, with keypoint_cost > 0, on poses too; keep the matched rows' outputs."""
         batch, num_queries = logits.shape
-        out, instance, parts = self._keypoint_stage_all(stage, p2, boxes, instance, parts)
+        out, instance, parts = self._keypoint_stage_all(stage, p2, boxes, instance, parts, groups)
         pixels = None
         if self.cfg.keypoint_cost > 0:
             pixels = decode_keypoints(out["mu"], boxes.reshape(-1, 4)).view(batch, num_queries, -1, 2)
@@ -241,11 +255,15 @@ class QueryPose(nn.Module):
             poses["attention"] = out["attention"].view(batch, num_queries, *out["attention"].shape[1:])
         return poses
 
-    def _keypoint_stage_all(self, stage, p2, boxes, instance, parts):
+    def _keypoint_stage_all(self, stage, p2, boxes, instance, parts, groups=1):
         """Keypoint stage `stage` on every query of every image: the (B, N, ...) state reshaped, no gather or
-        scatter. boxes (B, N, 4), instance (B, N, d), parts (B, N, M, d_p) or None."""
+        scatter. boxes (B, N, 4), instance (B, N, d), parts (B, N, M, d_p) or None; with query groups B counts
+        (image, group) rows, image = row // groups."""
         batch, num_queries = boxes.shape[:2]
-        image_index = torch.arange(batch, device=boxes.device).repeat_interleave(num_queries)
+        image_index = torch.arange(batch, device=boxes.device)
+        if groups > 1:
+            image_index = image_index.div(groups, rounding_mode="floor")
+        image_index = image_index.repeat_interleave(num_queries)
         out = self.keypoint_stages[stage](
             p2,
             boxes.reshape(-1, 4),

@@ -25,7 +25,7 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 GRID_AXES = (
     "query_type", "interaction", "iteration", "part_dim", "part_scheme", "instance_pipeline",
     "keypoint_head", "num_queries", "backbone", "num_stages", "keypoint_cost", "keypoint_training_queries",
-    "cls_target", "aux_heatmap",
+    "cls_target", "aux_heatmap", "query_groups",
     "prune_queries_after_stage",
 )  # fmt: skip
 

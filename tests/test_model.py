@@ -435,3 +435,56 @@ def test_instance_rows_have_one_interaction_branch():
 def test_sim_hidden_width_is_a_quarter_of_the_part_dim(part_dim):
     sim = build_model(dataclasses.replace(TINY, part_dim=part_dim, num_stages=1)).keypoint_stages[0].sim
     assert sim.reduce.out_features == part_dim // 4 and sim.expand.out_features == 2 * part_dim
+
+
+def test_query_groups_are_matched_apart_and_inference_reads_group_0():
+    """query_groups=G (one-to-many supervision, beyond the paper): every image's G groups are matched to its people
+    one-to-one each, no group reads another (group 0's training state is inference's), and G identical groups
+    give exactly the loss of one group."""
+    groups = 3
+    cfg = dataclasses.replace(TINY, query_groups=groups, keypoint_training_queries="all")
+    model = build_model(cfg).eval()  # eval: SPEGM's BatchNorm would otherwise mix statistics across rows
+    assert model.init_boxes.weight.shape == (groups * cfg.num_queries, 4)
+    with torch.no_grad():  # other groups get their own queries: they must not move group 0
+        model.init_features.weight[cfg.num_queries :].normal_()
+        model.init_boxes.weight[cfg.num_queries :].uniform_(0.2, 0.8)
+    images, image_sizes, targets = _batch()
+    with torch.no_grad():
+        outputs = model(images, image_sizes, targets)
+        inferred = model.inference(images, image_sizes)
+    assert outputs["query_groups"] == groups
+    last = outputs["stages"][-1]
+    assert last["logits"].shape == (2 * groups, cfg.num_queries)
+    assert [len(pred) for pred, _ in last["indices"]] == [2] * groups + [0] * groups
+    by_x1 = lambda boxes: boxes[boxes[:, 0].argsort()]  # noqa: E731
+    for image in range(2):
+        torch.testing.assert_close(by_x1(last["boxes"][image * groups]), by_x1(inferred[image]["boxes"]))
+        assert not torch.allclose(last["boxes"][image * groups + 1], last["boxes"][image * groups])
+
+    single = build_model(dataclasses.replace(cfg, query_groups=1)).eval()
+    state = single.state_dict()
+    for name in ("init_boxes.weight", "init_features.weight"):  # G copies of the single model's queries
+        state[name] = state[name].repeat(groups, 1)
+    model.load_state_dict(state)
+    criterion = SetCriterion.from_config(cfg)
+    with torch.no_grad():
+        grouped = criterion(model(images, image_sizes, targets), targets, image_sizes, model.flow)
+        alone = criterion(single(images, image_sizes, targets), targets, image_sizes, single.flow)
+    assert grouped.keys() == alone.keys()
+    for name in alone:
+        torch.testing.assert_close(grouped[name], alone[name], msg=name)
+
+
+def test_query_groups_train_every_group():
+    cfg = dataclasses.replace(TINY, query_groups=2)
+    model = build_model(cfg)
+    optimizer = build_optimizer(model, 1e-3, 1e-4)
+    images, image_sizes, targets = _batch()
+    before = model.init_features.weight.detach().clone()
+    terms = train_step(model, SetCriterion.from_config(cfg), optimizer, build_scheduler(optimizer, warmup_iters=0),
+                       images, image_sizes, targets)  # fmt: skip
+    assert math.isfinite(terms["loss"])
+    moved = (model.init_features.weight != before).any(-1).view(2, cfg.num_queries).any(-1)
+    assert moved.tolist() == [True, True]
+    model.eval()
+    assert model.predict([images[0]])[0]["keypoints"].shape == (cfg.num_queries, 17, 3)
