@@ -85,16 +85,16 @@ def test_overfits_two_synthetic_images(tmp_path):
     gt = write_synthetic_dataset(tmp_path / "synthetic", num_images=2, dataset="coco", seed=4, image_size=160)
     samples = list(coco_samples(gt, gt.parent / "images"))
     assert [len(s["boxes"]) for s in samples] == [2, 2]
-    history, predictions = overfit(samples, SMALL, steps=250)
+    history, predictions = overfit(samples, SMALL, steps=140)
     check_learned(history, predictions, samples, min_oks=0.4)
 
 
 def test_overfits_two_real_photos(fixtures_dir: Path):
     folder = fixtures_dir / "coco"
     wanted = {785, 40083}  # 1 person; 2 people + one unannotated-pose bystander
-    samples = [resize(s, 256, 512) for s in coco_samples(folder / "person_keypoints.json", folder / "images")
+    samples = [resize(s, 224, 448) for s in coco_samples(folder / "person_keypoints.json", folder / "images")
                if s["image_id"] in wanted]  # fmt: skip
     assert len(samples) == 2
-    cfg = dataclasses.replace(SMALL, test_short_side=256, test_max_size=512)
+    cfg = dataclasses.replace(SMALL, test_short_side=224, test_max_size=448)
     history, predictions = overfit(samples, cfg, steps=120)
     check_learned(history, predictions, samples, min_oks=0.3)
