@@ -11,7 +11,7 @@ from querypose.config import ModelConfig
 from querypose.flow import RealNVP, rle_loss
 from querypose.heatmap import heatmap_focal_loss, render_heatmaps
 from querypose.matcher import object_keypoint_similarity
-from querypose.model import decode_keypoints, encode_keypoints
+from querypose.model import decode_keypoints, encode_keypoints, per_group_rows
 
 
 class SetCriterion(nn.Module):
@@ -77,9 +77,7 @@ class SetCriterion(nn.Module):
         groups = outputs.get("query_groups", 1)
         num_people = self.num_people(targets, device) * groups
         people = targets
-        if groups > 1:
-            targets = [target for target in targets for _ in range(groups)]
-            image_sizes = image_sizes.repeat_interleave(groups, dim=0)
+        targets, image_sizes = per_group_rows(targets, image_sizes, groups)
         losses: dict[str, torch.Tensor] = {}
         total = torch.zeros((), device=device)
         for s, stage in enumerate(outputs["stages"]):

@@ -151,9 +151,7 @@ class QueryPose(nn.Module):
         (B, K, H/4, W/4) logits. G = model.query_groups (1: the paper).
         """
         groups = self.cfg.query_groups
-        if groups > 1:  # every group is matched to the same people
-            targets = [target for target in targets for _ in range(groups)]
-            image_sizes = image_sizes.repeat_interleave(groups, dim=0)
+        targets, image_sizes = per_group_rows(targets, image_sizes, groups)
         features = self._features(self.normalise(images), image_sizes[::groups])
         boxes, instance, parts = self._initial_state(image_sizes[::groups], groups)
         stages = []
@@ -299,6 +297,16 @@ class QueryPose(nn.Module):
             result["keypoints"][..., 0] /= sx
             result["keypoints"][..., 1] /= sy
         return results
+
+
+def per_group_rows(
+    targets: list[dict[str, torch.Tensor]], image_sizes: torch.Tensor, groups: int
+) -> tuple[list[dict[str, torch.Tensor]], torch.Tensor]:
+    """Targets and image sizes for the (B * groups) query-group rows, row b * groups + g holding image b's: every
+    group is matched to the same people."""
+    if groups == 1:
+        return targets, image_sizes
+    return [target for target in targets for _ in range(groups)], image_sizes.repeat_interleave(groups, dim=0)
 
 
 def _flatten_indices(indices, device) -> tuple[torch.Tensor, torch.Tensor]:
