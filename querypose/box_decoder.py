@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from querypose.attention import MultiHeadAttention
-from querypose.box_ops import MultiLevelRoIAlign, apply_deltas, rois_from_boxes
+from querypose.box_ops import MultiLevelRoIAlign, apply_deltas, image_of_rows, rois_from_boxes
 from querypose.config import ModelConfig
 from querypose.interactions import DynamicConv
 from querypose.layers import xavier
@@ -60,10 +60,7 @@ class BoxStage(nn.Module):
         With query groups (training only) B = images x groups: row b * groups + g is group g of image b, and the
         self-attention stays within a row, so within a group."""
         batch, num_queries, dim = queries.shape
-        image_index = torch.arange(batch, device=boxes.device)
-        if groups > 1:
-            image_index = image_index.div(groups, rounding_mode="floor")
-        image_index = image_index.repeat_interleave(num_queries)
+        image_index = image_of_rows(torch.arange(batch, device=boxes.device), groups).repeat_interleave(num_queries)
         rois = rois_from_boxes(boxes.reshape(-1, 4), image_index)
         tokens = self.pooler(features, rois).flatten(2).transpose(1, 2)  # (B*N, 49, d)
 

@@ -30,6 +30,11 @@ def apply_deltas(deltas: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
     )
 
 
+def image_of_rows(rows: torch.Tensor, groups: int) -> torch.Tensor:
+    """Image index of query-state rows: with query groups (training) row b * groups + g belongs to image b."""
+    return rows.div(groups, rounding_mode="floor") if groups > 1 else rows
+
+
 def rois_from_boxes(boxes: torch.Tensor, batch_index: torch.Tensor) -> torch.Tensor:
     """(R, 4) xyxy boxes and (R,) image indices -> (R, 5) RoIs in torchvision's (index, x1, y1, x2, y2) form."""
     return torch.cat([batch_index.to(boxes.dtype)[:, None], boxes], dim=1)

@@ -10,6 +10,7 @@ from torchvision.ops import box_convert
 from querypose.attention import MultiHeadAttention
 from querypose.backbone import Backbone
 from querypose.box_decoder import BoxStage
+from querypose.box_ops import image_of_rows
 from querypose.config import ModelConfig
 from querypose.flow import RealNVP
 from querypose.heatmap import HeatmapHead
@@ -126,7 +127,7 @@ class QueryPose(nn.Module):
         out = self.keypoint_stages[stage](
             p2,
             boxes[batch_index, query_index],
-            batch_index.div(groups, rounding_mode="floor") if groups > 1 else batch_index,
+            image_of_rows(batch_index, groups),
             instance[batch_index, query_index],
             None if parts is None else parts[batch_index, query_index],
         )
@@ -258,10 +259,7 @@ class QueryPose(nn.Module):
         scatter. boxes (B, N, 4), instance (B, N, d), parts (B, N, M, d_p) or None; with query groups B counts
         (image, group) rows, image = row // groups."""
         batch, num_queries = boxes.shape[:2]
-        image_index = torch.arange(batch, device=boxes.device)
-        if groups > 1:
-            image_index = image_index.div(groups, rounding_mode="floor")
-        image_index = image_index.repeat_interleave(num_queries)
+        image_index = image_of_rows(torch.arange(batch, device=boxes.device), groups).repeat_interleave(num_queries)
         out = self.keypoint_stages[stage](
             p2,
             boxes.reshape(-1, 4),
