@@ -25,6 +25,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--format", choices=("coco", "crowdpose", "quadruped"), default="coco")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--size", type=int, default=320, help="short side of the images in pixels")
+    parser.add_argument(
+        "--max-people", type=int, default=6, help="at most this many people per image (1..6; 6 is the standard)"
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     args = parser.parse_args(argv)
 
@@ -35,8 +38,9 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     try:
         annotations = write_synthetic_dataset(
-            args.out, args.images, dataset=keypoint_set, seed=args.seed, image_size=args.size, overwrite=args.overwrite
-        )
+            args.out, args.images, dataset=keypoint_set, seed=args.seed, image_size=args.size,
+            overwrite=args.overwrite, max_people=args.max_people,
+        )  # fmt: skip
     except (FileExistsError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

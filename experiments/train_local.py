@@ -43,9 +43,11 @@ def synthetic_splits(cfg: ExperimentConfig, root: Path) -> dict[str, tuple[Path,
         ("train", settings.train_images, settings.seed),
         ("val", settings.val_images, settings.seed + 1),  # a different seed: held-out people
     ):
-        out = root / f"{spec.name}_{split}_{count}x{settings.image_size}_s{seed}"
+        out = root / settings.folder_name(spec.name, split, count, seed)
         if not (out / "annotations.json").is_file():
-            write_synthetic_dataset(out, count, dataset=spec, seed=seed, image_size=settings.image_size)
+            write_synthetic_dataset(
+                out, count, dataset=spec, seed=seed, image_size=settings.image_size, max_people=settings.max_people
+            )
         splits[split] = (out / "annotations.json", out / "images")
     return splits
 

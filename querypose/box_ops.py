@@ -72,3 +72,11 @@ class MultiLevelRoIAlign(torch.nn.Module):
             )
             out.index_copy_(0, selected, pooled.to(out.dtype))
         return out
+
+
+def coordinate_grid(size: int, like: torch.Tensor) -> torch.Tensor:
+    """(1, 2, size, size): the (x, y) of each cell's centre in a size x size RoI grid, relative to the RoI as
+    keypoint mu is (-0.5 .. 0.5), in `like`'s dtype and device."""
+    centres = (torch.arange(size, device=like.device, dtype=like.dtype) + 0.5) / size - 0.5
+    y, x = torch.meshgrid(centres, centres, indexing="ij")
+    return torch.stack([x, y])[None]

@@ -28,6 +28,8 @@ InstancePipeline = Literal["serial", "box_only"]
 KeypointTrainingQueries = Literal["matched", "all"]
 KeypointHead = Literal["queries", "conv_gap_baseline"]
 ClassificationTarget = Literal["binary", "iou", "oks"]
+InitBoxes = Literal["image", "grid"]
+RoICoordinates = Literal["none", "tower", "spegm"]
 BackboneNorm = Literal["auto", "frozen_bn", "group_norm"]
 Backbone = Literal["resnet50", "resnet18", "resnet10t", "resnet34", "resnet101", "hrnet_w32", "hrnet_w48", "swin_large"]
 Dataset = Literal["coco", "crowdpose", "custom"]
@@ -92,6 +94,16 @@ class ModelConfig:
     # trains G queries per stage instead of one. Inference runs group 0 alone: the same N queries, still NMS-free.
     # 1 = the paper.
     query_groups: int = 1
+    # Where the learned proposal boxes start. "image" (Sparse R-CNN's and the authors' default): every query's box
+    # is the whole image, so the first stage's queries all pool the same RoI. "grid" (Sparse R-CNN's Table 6
+    # alternative): centres on a near-square grid over the image, each box two cells wide and high, so the first
+    # stage already pools local features.
+    init_boxes: InitBoxes = "image"
+    # Where the keypoint stages see positions within the RoI (beyond the paper). "none" (the paper): only through
+    # the convolutions' zero padding, which the features learn to read slowly. "tower": two coordinate channels
+    # (x, y relative to the RoI) join the pose RoI features before the tower, for every keypoint head. "spegm":
+    # each SPEGM attention map's expected position (its soft-argmax) joins its part embedding.
+    roi_coordinates: RoICoordinates = "none"
     focal_alpha: float = 0.25
     focal_gamma: float = 2.0
     # What a matched query's classification is trained towards. "binary" (the paper): 1. "iou" / "oks" (beyond the
@@ -196,6 +208,12 @@ class ModelConfig:
             raise ConfigError(
                 f"model.backbone_norm={self.backbone_norm!r} applies to ResNet backbones; "
                 f"model.backbone={self.backbone!r} keeps its own normalisation, use 'auto'"
+            )
+        uses_spegm = self.keypoint_head == "queries" and self.query_type == "part" and self.interaction == "spegm"
+        if self.roi_coordinates == "spegm" and not uses_spegm:
+            raise ConfigError(
+                "model.roi_coordinates='spegm' adds SPEGM's attention positions and needs part queries with "
+                "model.interaction='spegm'; for the other keypoint heads use model.roi_coordinates='tower'"
             )
         if self.keypoint_head == "conv_gap_baseline":
             return

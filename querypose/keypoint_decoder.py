@@ -10,7 +10,7 @@ from torchvision.ops import roi_align
 
 from querypose.attention import MultiHeadAttention
 from querypose.box_decoder import FeedForward
-from querypose.box_ops import rois_from_boxes
+from querypose.box_ops import coordinate_grid, rois_from_boxes
 from querypose.config import ModelConfig
 from querypose.interactions import TOKEN_INTERACTIONS
 from querypose.iteration import ITERATIONS, SelectiveIteration
@@ -68,9 +68,9 @@ class PartHeads(nn.Module):
         return mu, sigma
 
 
-def roi_tower(dim: int, hidden: int, depth: int) -> nn.Sequential:
-    """depth x (3x3 conv + ReLU): dim -> hidden -> ... -> hidden -> dim."""
-    channels = [dim] + [hidden] * (depth - 1) + [dim]
+def roi_tower(dim: int, hidden: int, depth: int, extra_inputs: int = 0) -> nn.Sequential:
+    """depth x (3x3 conv + ReLU): dim (+ extra_inputs) -> hidden -> ... -> hidden -> dim."""
+    channels = [dim + extra_inputs] + [hidden] * (depth - 1) + [dim]
     layers: list[nn.Module] = []
     for c_in, c_out in zip(channels[:-1], channels[1:], strict=True):
         layers += [xavier(nn.Conv2d(c_in, c_out, 3, padding=1), zero_bias=True), nn.ReLU(inplace=True)]
@@ -83,7 +83,9 @@ class KeypointStage(nn.Module):
         dim, part_dim = cfg.hidden_dim, cfg.part_dim
         self.num_keypoints = spec.num_keypoints
         self.mode = "baseline" if cfg.keypoint_head == "conv_gap_baseline" else cfg.query_type
-        self.tower = roi_tower(dim, cfg.tower_channels, cfg.tower_convs)
+        self.coordinates = cfg.roi_coordinates
+        extra_inputs = 2 if cfg.roi_coordinates == "tower" else 0
+        self.tower = roi_tower(dim, cfg.tower_channels, cfg.tower_convs, extra_inputs)
         self.serial = cfg.instance_pipeline == "serial"
         # The instance branch: Q_I reads the pose RoI. Under the serial pipeline (Fig. 3b) the updated Q_I goes on
         # to the next box stage; part rows and the baseline read with DyMLP-channel as the authors do. Instance
@@ -107,7 +109,7 @@ class KeypointStage(nn.Module):
             self.instance_to_parts = nn.Linear(dim, num_parts * part_dim)
             xavier_blocks(self.instance_to_parts.weight, [part_dim] * num_parts)
             if cfg.interaction == "spegm":
-                self.spegm = SPEGM(dim, part_dim, num_parts)
+                self.spegm = SPEGM(dim, part_dim, num_parts, coordinates=cfg.roi_coordinates == "spegm")
             else:
                 self.token_projection = xavier(nn.Linear(dim, part_dim))
                 self.interaction = TOKEN_INTERACTIONS[cfg.interaction](
@@ -141,6 +143,9 @@ class KeypointStage(nn.Module):
         """
         rois = rois_from_boxes(boxes, image_index)
         pooled = roi_align(p2, rois, POSE_POOL, spatial_scale=1 / P2_STRIDE, sampling_ratio=2, aligned=True)
+        if self.coordinates == "tower":
+            grid = coordinate_grid(POSE_POOL, pooled).expand(len(pooled), -1, -1, -1)
+            pooled = torch.cat([pooled, grid], dim=1)  # (R, d + 2, 14, 14)
         features = self.tower(pooled)  # (R, d, 14, 14)
         tokens = features.flatten(2).transpose(1, 2)  # (R, 196, d)
         updated = instance_queries

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -65,8 +67,8 @@ class QueryPose(nn.Module):
         self._reset_parameters()
 
     def _reset_parameters(self) -> None:
-        nn.init.constant_(self.init_boxes.weight[:, :2], 0.5)  # (cx, cy, w, h) = whole image
-        nn.init.constant_(self.init_boxes.weight[:, 2:], 1.0)
+        with torch.no_grad():
+            self.init_boxes.weight.copy_(initial_unit_boxes(self.cfg).repeat(self.cfg.query_groups, 1))
 
     # --- shared by training and inference -------------------------------------------------------------------
 
@@ -295,6 +297,19 @@ class QueryPose(nn.Module):
             result["keypoints"][..., 0] /= sx
             result["keypoints"][..., 1] /= sy
         return results
+
+
+def initial_unit_boxes(cfg: ModelConfig) -> torch.Tensor:
+    """The proposal boxes' starting values (N, 4) as (cx, cy, w, h) relative to the image (model.init_boxes)."""
+    num_queries = cfg.num_queries
+    if cfg.init_boxes == "image":
+        return torch.tensor([0.5, 0.5, 1.0, 1.0]).repeat(num_queries, 1)
+    cols = math.ceil(math.sqrt(num_queries))
+    rows = math.ceil(num_queries / cols)
+    cells = torch.arange(num_queries)
+    cx, cy = (cells % cols + 0.5) / cols, (cells // cols + 0.5) / rows
+    size = torch.tensor([min(1.0, 2 / cols), min(1.0, 2 / rows)]).expand(num_queries, 2)
+    return torch.cat([torch.stack([cx, cy], dim=1), size], dim=1)
 
 
 def per_group_rows(

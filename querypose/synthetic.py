@@ -26,7 +26,8 @@ import yaml
 
 from querypose.keypoints import BUILTIN_SETS, KeypointSpec, get_spec
 
-PEOPLE_PER_IMAGE = np.array([0.25, 0.25, 0.2, 0.14, 0.1, 0.06])  # P(1..6 people)
+PEOPLE_PER_IMAGE = np.array([0.25, 0.25, 0.2, 0.14, 0.1, 0.06])  # P(1..6 people); max_people cuts the tail
+MAX_PEOPLE = len(PEOPLE_PER_IMAGE)
 UNLABELLED_PROB = 0.03
 
 # Limb colours (RGB) by limb; keypoint marker colours by joint name. Fixed, so identity is visible.
@@ -242,13 +243,23 @@ def body_for(spec: KeypointSpec) -> str:
     )
 
 
+def people_count_probabilities(max_people: int = MAX_PEOPLE) -> np.ndarray:
+    """P(1..max_people people in an image): the default distribution cut at max_people and renormalised."""
+    if not 1 <= max_people <= MAX_PEOPLE:
+        raise ValueError(f"max_people must be in 1..{MAX_PEOPLE}, got {max_people}")
+    kept = PEOPLE_PER_IMAGE[:max_people]
+    return kept / kept.sum()
+
+
 def render_sample(
-    rng: np.random.Generator, spec: KeypointSpec, width: int, height: int
+    rng: np.random.Generator, spec: KeypointSpec, width: int, height: int, max_people: int = MAX_PEOPLE
 ) -> tuple[np.ndarray, list[dict]]:
-    """One image (uint8 HxWx3 RGB) and its people (or animals) as COCO-style dicts (bbox xywh, keypoints K*3, ...)."""
+    """One image (uint8 HxWx3 RGB) and its people (or animals) as COCO-style dicts (bbox xywh, keypoints K*3, ...).
+    Fewer people per image (max_people) also makes them larger: the crowd shrinks everyone."""
     place, draw, _ = BODIES[body_for(spec)]
     image = _background(rng, width, height)
-    num_people = int(rng.choice(len(PEOPLE_PER_IMAGE), p=PEOPLE_PER_IMAGE)) + 1
+    probabilities = people_count_probabilities(max_people)
+    num_people = int(rng.choice(len(probabilities), p=probabilities)) + 1
     people = []
     for _ in range(num_people):
         joints, size = place(rng, width, height, num_people)
@@ -312,9 +323,11 @@ def write_synthetic_dataset(
     seed: int = 0,
     image_size: int = 320,
     overwrite: bool = False,
+    max_people: int = MAX_PEOPLE,
 ) -> Path:
     """Write `out_dir/images/*.jpg` and `out_dir/annotations.json` (plus `out_dir/keypoints.yaml` for a set that
-    is not built in) for a built-in set's name or a KeypointSpec; returns the annotations path.
+    is not built in) for a built-in set's name or a KeypointSpec; returns the annotations path. Images hold 1 to
+    max_people people (the default 6 is the project's standard difficulty).
 
     Built in a temporary sibling directory and renamed into place when complete, so an interrupted run
     leaves nothing at `out_dir`. Deterministic for a seed.
@@ -322,6 +335,7 @@ def write_synthetic_dataset(
     out_dir = Path(out_dir)
     spec = get_spec(dataset) if isinstance(dataset, str) else dataset
     body_for(spec)  # fails before anything is written when no body has the set's keypoints
+    people_count_probabilities(max_people)  # likewise for a bad max_people
     if num_images < 1:
         raise ValueError(f"num_images must be >= 1, got {num_images}")
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
@@ -329,7 +343,7 @@ def write_synthetic_dataset(
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
-        _write_into(staging, spec, num_images, seed, image_size)
+        _write_into(staging, spec, num_images, seed, image_size, max_people)
         if out_dir.exists():
             shutil.rmtree(out_dir)
         os.replace(staging, out_dir)
@@ -339,7 +353,7 @@ def write_synthetic_dataset(
     return out_dir / "annotations.json"
 
 
-def _write_into(root: Path, spec: KeypointSpec, num_images: int, seed: int, image_size: int) -> None:
+def _write_into(root: Path, spec: KeypointSpec, num_images: int, seed: int, image_size: int, max_people: int) -> None:
     (root / "images").mkdir()
     rng = np.random.default_rng(seed)
     images, annotations = [], []
@@ -347,7 +361,7 @@ def _write_into(root: Path, spec: KeypointSpec, num_images: int, seed: int, imag
         aspect = rng.uniform(0.75, 1.33)
         width, height = (round(image_size * aspect), image_size) if aspect >= 1 else (
             image_size, round(image_size / aspect))  # fmt: skip
-        pixels, people = render_sample(rng, spec, width, height)
+        pixels, people = render_sample(rng, spec, width, height, max_people)
         file_name = f"{image_id:012d}.jpg"
         ok, encoded = cv2.imencode(".jpg", cv2.cvtColor(pixels, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 92])
         if not ok:

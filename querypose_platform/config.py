@@ -25,7 +25,7 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 GRID_AXES = (
     "query_type", "interaction", "iteration", "part_dim", "part_scheme", "instance_pipeline",
     "keypoint_head", "num_queries", "backbone", "num_stages", "keypoint_cost", "keypoint_training_queries",
-    "cls_target", "aux_heatmap", "query_groups",
+    "cls_target", "aux_heatmap", "query_groups", "init_boxes", "roi_coordinates",
     "prune_queries_after_stage",
 )  # fmt: skip
 
@@ -38,11 +38,19 @@ class SyntheticConfig:
     val_images: int = 40
     image_size: int = 320
     seed: int = 0
+    max_people: int = 6  # 1..6 people per image (6: the standard difficulty); fewer people are also larger
 
     def __post_init__(self) -> None:
         for name in ("train_images", "val_images", "image_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"data.synthetic.{name}: must be >= 1, got {getattr(self, name)}")
+        if not 1 <= self.max_people <= 6:
+            raise ConfigError(f"data.synthetic.max_people: must be in 1..6, got {self.max_people}")
+
+    def folder_name(self, keypoint_set: str, split: str, count: int, seed: int) -> str:
+        """The generated split's folder: every setting that changes its images is in the name."""
+        name = f"{keypoint_set}_{split}_{count}x{self.image_size}_s{seed}"
+        return name if self.max_people == 6 else f"{name}_p{self.max_people}"
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ import json
 import sys
 import time
 import uuid
+import warnings
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -365,11 +366,22 @@ def ensure_synthetic_shards(cfg: ExperimentConfig) -> None:
               (cfg.data.val_split, settings.val_images, settings.seed + 1))  # fmt: skip  # val: held-out people
     for split, count, seed in splits:
         uri = cfg.data.split_uri(split)
+        name = settings.folder_name(spec.name, split, count, seed)
         if has_manifest(uri):
+            converted_from = Path(read_manifest(uri).get("source", {}).get("annotations", "")).parent.name
+            if converted_from != name:
+                warnings.warn(
+                    f"{uri} holds shards converted from {converted_from!r}, not from the synthetic set that "
+                    f"data.synthetic describes ({name!r}); training uses the shards as they are. Delete {uri} "
+                    "(or set another data.root) to generate the described set.",
+                    stacklevel=2,
+                )
             continue
         # The generated images are converted from a local folder: beside a local root, else in the node's cache.
         raw_root = cache_dir() / "synthetic" if is_uri(cfg.data.root) else Path(cfg.data.root).parent / "raw"
-        raw = raw_root / f"{spec.name}_{split}_{count}x{settings.image_size}_s{seed}"
+        raw = raw_root / name
         if not (raw / "annotations.json").is_file():
-            write_synthetic_dataset(raw, count, dataset=spec, seed=seed, image_size=settings.image_size)
+            write_synthetic_dataset(
+                raw, count, dataset=spec, seed=seed, image_size=settings.image_size, max_people=settings.max_people
+            )
         convert(spec, raw / "annotations.json", raw / "images", uri)

@@ -74,6 +74,13 @@ def test_instance_queries_with_a_valid_interaction_load():
     assert cfg.model.query_type == "instance"
 
 
+def test_spegm_coordinates_need_spegm():
+    overrides = ["model.query_type=instance", "model.interaction=mhsa", "model.iteration=none"]
+    with pytest.raises(ConfigError, match="model.roi_coordinates='spegm' .* use model.roi_coordinates='tower'"):
+        load_config(None, [*overrides, "model.roi_coordinates=spegm"])
+    assert load_config(None, [*overrides, "model.roi_coordinates=tower"]).model.roi_coordinates == "tower"
+
+
 def test_constructor_also_validates():
     with pytest.raises(ConfigError, match="model.part_scheme"):
         ModelConfig(part_scheme="ten_parts")

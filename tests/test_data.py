@@ -6,6 +6,7 @@ stream past what its checkpoint consumed; each rank's val part reads only its ow
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -59,6 +60,19 @@ def same_sample(a: dict, b: dict) -> bool:
         a["image"].shape == b["image"].shape
         and np.array_equal(a["image"], b["image"])
         and np.allclose(a["keypoints"], b["keypoints"])
+    )
+
+
+def test_shards_of_other_synthetic_settings_are_named_not_silently_reused(data_root):
+    same = load_config(None, [*SETTINGS, f"data.root={data_root}"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ensure_synthetic_shards(same)
+    other = load_config(None, [*SETTINGS, f"data.root={data_root}", "data.synthetic.max_people=2"])
+    with pytest.warns(UserWarning, match=r"converted from 'coco_train_6x96_s0', not .* \('coco_train_6x96_s0_p2'\)"):
+        ensure_synthetic_shards(other)
+    assert read_manifest(str(data_root / "train"))["source"]["annotations"].endswith(
+        "coco_train_6x96_s0/annotations.json"
     )
 
 

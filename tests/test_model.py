@@ -64,6 +64,10 @@ VARIANTS = [
     {"keypoint_cost": 1.0},
     {"keypoint_training_queries": "all"},
     {"aux_heatmap": True},
+    {"init_boxes": "grid"},
+    {"roi_coordinates": "tower"},
+    {"roi_coordinates": "tower", "query_type": "instance", "interaction": "mhsa", "iteration": "none"},
+    {"roi_coordinates": "spegm"},
 ]
 
 
@@ -488,3 +492,57 @@ def test_query_groups_train_every_group():
     assert moved.tolist() == [True, True]
     model.eval()
     assert model.predict([images[0]])[0]["keypoints"].shape == (cfg.num_queries, 17, 3)
+
+
+def test_grid_init_boxes_tile_the_image_and_image_init_covers_it():
+    """model.init_boxes: "image" starts every proposal as the whole image (Sparse R-CNN); "grid" puts the N centres
+    on a near-square grid, boxes two cells wide and high, so the first stage pools N different RoIs."""
+    image_sizes = torch.tensor([[90, 120]])
+    whole = build_model(dataclasses.replace(TINY, num_queries=6))._initial_state(image_sizes)[0][0]
+    assert torch.equal(whole, torch.tensor([[0.0, 0.0, 120.0, 90.0]]).expand(6, 4))
+    grid = build_model(dataclasses.replace(TINY, num_queries=6, init_boxes="grid", query_groups=2))
+    boxes = grid._initial_state(image_sizes)[0][0]  # 6 queries: 3 columns x 2 rows
+    centres = (boxes[:, :2] + boxes[:, 2:]) / 2
+    assert torch.allclose(centres[:, 0], torch.tensor([20.0, 60.0, 100.0] * 2))
+    assert torch.allclose(centres[:, 1], torch.tensor([22.5] * 3 + [67.5] * 3))
+    assert torch.allclose(boxes[:, 2:] - boxes[:, :2], torch.tensor([80.0, 90.0]).expand(6, 2))
+    # Every query group starts from the same grid.
+    assert torch.equal(grid.init_boxes.weight[:6], grid.init_boxes.weight[6:])
+
+
+def test_spegm_coordinates_are_each_attention_maps_expected_position():
+    """model.roi_coordinates=spegm: a part's embedding holds its attention map's soft-argmax, (x, y) relative to
+    the RoI in mu's units, through the projection's last two columns."""
+    spegm = SPEGM(dim=16, part_dim=8, num_parts=2, coordinates=True).eval()
+    logits = torch.full((1, 2, 28, 28), -1e4)
+    logits[0, 0, 7, 21] = 0.0  # part 0 looks at row 7, column 21 only
+    logits[0, 1, :, 0] = 0.0  # part 1 spreads evenly over the left column
+
+    class FixedMaps(nn.Module):
+        def forward(self, upsampled):
+            return logits.expand(len(upsampled), -1, -1, -1)
+
+    spegm.attention = FixedMaps()
+    with torch.no_grad():
+        spegm.project.weight.zero_()
+        spegm.project.weight[:2, 16:] = torch.eye(2)
+    embeddings, _ = spegm(torch.randn(3, 16, 14, 14))
+    cell = lambda i: (i + 0.5) / 28 - 0.5  # noqa: E731
+    assert torch.allclose(embeddings[:, 0, :2], torch.tensor([cell(21), cell(7)]).expand(3, 2), atol=1e-6)
+    assert torch.allclose(embeddings[:, 1, :2], torch.tensor([cell(0), 0.0]).expand(3, 2), atol=1e-6)
+    assert torch.count_nonzero(embeddings[..., 2:]) == 0
+
+
+@pytest.mark.parametrize("coordinates", ["none", "tower"])
+def test_tower_coordinates_tell_interior_positions_apart(coordinates):
+    """Without coordinates a RoI of constant features gives every interior cell the same tower output (the
+    convolutions see position only through zero padding); model.roi_coordinates=tower adds x, y channels."""
+    model = build_model(dataclasses.replace(TINY, roi_coordinates=coordinates))
+    stage, parts = model.keypoint_stages[0], model.init_part_queries.weight[None]
+    outputs = {}
+    stage.tower.register_forward_hook(lambda module, args, out: outputs.update(tower=out))
+    p2 = torch.ones(1, TINY.hidden_dim, 32, 32)
+    stage(p2, torch.tensor([[16.0, 16.0, 72.0, 72.0]]), torch.zeros(1, dtype=torch.long), torch.randn(1, 32), parts)
+    interior = outputs["tower"][0, :, 3:11, 3:11].flatten(1)  # farther from the border than the tower reaches
+    spread = (interior - interior[:, :1]).abs().max()
+    assert (spread < 1e-5) if coordinates == "none" else (spread > 1e-3)

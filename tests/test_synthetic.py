@@ -30,6 +30,21 @@ def test_deterministic_for_a_seed(tmp_path, coco_set):
     assert other.read_bytes() != coco_set.read_bytes()
 
 
+def test_max_people_caps_the_crowd_and_the_default_is_unchanged(tmp_path, coco_set):
+    default = write_synthetic_dataset(tmp_path / "six", 12, "coco", seed=3, image_size=160, max_people=6)
+    assert default.read_bytes() == coco_set.read_bytes()
+    counts = {}
+    for cap in (1, 2):
+        gt = json.loads(write_synthetic_dataset(tmp_path / f"cap{cap}", 40, "coco", seed=3, max_people=cap).read_text())
+        per_image = np.bincount([a["image_id"] for a in gt["annotations"]], minlength=41)[1:]
+        assert per_image.max() <= cap
+        counts[cap] = per_image
+    assert (counts[2] == 2).any()  # the cap is a cap, not a fixed count
+    with pytest.raises(ValueError, match="max_people must be in 1..6, got 7"):
+        write_synthetic_dataset(tmp_path / "seven", 2, "coco", max_people=7)
+    assert not (tmp_path / "seven").exists()
+
+
 @pytest.mark.parametrize("spec", [COCO, CROWDPOSE, QUADRUPED], ids=["coco", "crowdpose", "quadruped"])
 def test_annotations_are_consistent(spec):
     rng = np.random.default_rng(0)
