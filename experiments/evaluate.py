@@ -2,7 +2,7 @@
 
     python experiments/evaluate.py --weights outputs/model.pt --data data/synthetic/shards --split val
     python experiments/evaluate.py --run-id 3f2c... --data s3://bucket/coco-shards --actors 8 --gpu
-    python experiments/evaluate.py --weights models:/querypose-ablation-best/1 --data data/synthetic/shards
+    python experiments/evaluate.py --weights models:/querypose-ablation-best/1 --data data/synthetic/shards-demo
     ray job submit --working-dir . -- python experiments/evaluate.py --run-id 3f2c... --data s3://...
 
 Scores the predictions against the ground truth kept beside the shards, prints the metrics table, writes them

@@ -317,21 +317,23 @@ class RunLogger:
     # ---- checkpoints carry what has not been sent, so a crash during an outage loses no step
     def save_pending(self, folder: Path) -> None:
         """Write the entries not sent yet (and their files) into `folder` (part of a checkpoint)."""
+        records = []
+        # The files are copied under the lock: the sender deletes an entry's files once it has popped the entry,
+        # which it cannot do while the lock is held, so every listed entry's files still exist.
         with self._cond:
             entries = [e for e in self._queue if e.kind != "finish"]
-        if not entries:
-            return
-        folder.mkdir(parents=True, exist_ok=True)
-        records = []
-        for i, entry in enumerate(entries):
-            files = []
-            for j, (local, artifact_dir) in enumerate(entry.files):
-                name = f"{i:06d}_{j:03d}_{Path(local).name}"
-                shutil.copyfile(local, folder / name)
-                files.append([name, artifact_dir])
-            metrics = [[m.key, m.value, m.timestamp, m.step] for m in entry.metrics]
-            records.append({"kind": entry.kind, "group": entry.group, "step": entry.step, "metrics": metrics,
-                            "files": files, "tag": list(entry.tag)})  # fmt: skip
+            if not entries:
+                return
+            folder.mkdir(parents=True, exist_ok=True)
+            for i, entry in enumerate(entries):
+                files = []
+                for j, (local, artifact_dir) in enumerate(entry.files):
+                    name = f"{i:06d}_{j:03d}_{Path(local).name}"
+                    shutil.copyfile(local, folder / name)
+                    files.append([name, artifact_dir])
+                metrics = [[m.key, m.value, m.timestamp, m.step] for m in entry.metrics]
+                records.append({"kind": entry.kind, "group": entry.group, "step": entry.step, "metrics": metrics,
+                                "files": files, "tag": list(entry.tag)})  # fmt: skip
         (folder / PENDING_FILE).write_text(json.dumps(records))
 
     def load_pending(self, folder: Path) -> int:

@@ -2,8 +2,10 @@
 PyTorch, through the documented pre-processing against `QueryPose.predict`, and by the onnxruntime-only example
 script, which must not import torch.
 
-Tolerances (float32, CPU): the graph's boxes and keypoints within 0.01 px + 1e-4 x the value (RoiAlign and
-the convolutions accumulate in other orders; the largest difference seen is ~0.01 px), sigmas within 1e-4,
+Tolerances (float32, CPU): the graph's boxes within 0.01 px + 1e-4 x the value (RoiAlign and the convolutions
+accumulate in other orders; the largest difference seen is ~0.01 px), keypoints within 0.05 px + 1e-4 x the
+value (the random model's SPEGM coordinates pass those differences on through the norm-divided heads to
+keypoints up to 200 px away; the largest seen is 0.024 px), sigmas within 1e-4,
 scores within 1e-5. The whole pipeline (OpenCV's bilinear resize instead of PyTorch's) within 0.1 px.
 """
 
@@ -24,8 +26,11 @@ from querypose.weights import save_weights
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "experiments"))
+# With the learning benchmark's switches beyond the paper (grid proposals, SPEGM coordinates), so that the graph
+# holds them too.
 TINY = ModelConfig(backbone="resnet10t", hidden_dim=32, ffn_dim=64, dynamic_dim=8, tower_channels=32, tower_convs=1,
-                   num_queries=5, num_stages=1, part_dim=32, test_short_side=128, test_max_size=192)  # fmt: skip
+                   num_queries=5, num_stages=1, part_dim=32, test_short_side=128, test_max_size=192,
+                   init_boxes="grid", roi_coordinates="spegm")  # fmt: skip
 OUTPUTS = ("boxes", "keypoints", "keypoint_sigmas", "scores")
 
 
@@ -67,7 +72,8 @@ def test_onnxruntime_matches_pytorch_at_two_sizes(exported, fixtures_dir):
                 want = expected[name].numpy()
                 assert value.shape == want.shape, name
                 if name in ("boxes", "keypoints"):
-                    np.testing.assert_allclose(value, want, rtol=1e-4, atol=0.01, err_msg=name)
+                    atol = 0.05 if name == "keypoints" else 0.01
+                    np.testing.assert_allclose(value, want, rtol=1e-4, atol=atol, err_msg=name)
                 else:
                     np.testing.assert_allclose(value, want, rtol=0, atol=1e-4 if name == "keypoint_sigmas" else 1e-5)
     assert {shape[2:] for shape in shapes} == {(128, 192), (224, 320)}

@@ -156,7 +156,7 @@ def test_grid_runs_as_a_ray_job_on_a_local_head(tmp_path):
         # the console: one progress line per log interval, not Ray Train's per-report dicts
         assert "[part_dim=32" in done.stdout and "iter 2/2" in done.stdout
         assert "Reporting training result" not in done.stdout and "mlflow ui --backend-store-uri sqlite:" in done.stdout
-        assert (tmp_path / "data" / "synthetic" / "shards" / "train" / "manifest.json").is_file()
+        assert (tmp_path / "data" / "synthetic" / "shards-demo" / "train" / "manifest.json").is_file()
         assert (tmp_path / "ray_results" / "ablation_synthetic").is_dir()
     finally:
         os.killpg(head.pid, 15)
