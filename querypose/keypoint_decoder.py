@@ -83,9 +83,8 @@ class KeypointStage(nn.Module):
         dim, part_dim = cfg.hidden_dim, cfg.part_dim
         self.num_keypoints = spec.num_keypoints
         self.mode = "baseline" if cfg.keypoint_head == "conv_gap_baseline" else cfg.query_type
-        self.coordinates = cfg.roi_coordinates
-        extra_inputs = 2 if cfg.roi_coordinates == "tower" else 0
-        self.tower = roi_tower(dim, cfg.tower_channels, cfg.tower_convs, extra_inputs)
+        self.tower_coordinates = cfg.roi_coordinates == "tower"
+        self.tower = roi_tower(dim, cfg.tower_channels, cfg.tower_convs, extra_inputs=2 * self.tower_coordinates)
         self.serial = cfg.instance_pipeline == "serial"
         # The instance branch: Q_I reads the pose RoI. Under the serial pipeline (Fig. 3b) the updated Q_I goes on
         # to the next box stage; part rows and the baseline read with DyMLP-channel as the authors do. Instance
@@ -143,7 +142,7 @@ class KeypointStage(nn.Module):
         """
         rois = rois_from_boxes(boxes, image_index)
         pooled = roi_align(p2, rois, POSE_POOL, spatial_scale=1 / P2_STRIDE, sampling_ratio=2, aligned=True)
-        if self.coordinates == "tower":
+        if self.tower_coordinates:
             grid = coordinate_grid(POSE_POOL, pooled).expand(len(pooled), -1, -1, -1)
             pooled = torch.cat([pooled, grid], dim=1)  # (R, d + 2, 14, 14)
         features = self.tower(pooled)  # (R, d, 14, 14)

@@ -18,6 +18,7 @@ from typing import Any, Literal
 import yaml
 
 from querypose.config import ConfigError, ModelConfig, build_dataclass
+from querypose.synthetic import MAX_PEOPLE
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
@@ -38,19 +39,19 @@ class SyntheticConfig:
     val_images: int = 40
     image_size: int = 320
     seed: int = 0
-    max_people: int = 6  # 1..6 people per image (6: the standard difficulty); fewer people are also larger
+    max_people: int = MAX_PEOPLE  # 1..6 people per image (6: the standard difficulty); fewer are also larger
 
     def __post_init__(self) -> None:
         for name in ("train_images", "val_images", "image_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"data.synthetic.{name}: must be >= 1, got {getattr(self, name)}")
-        if not 1 <= self.max_people <= 6:
-            raise ConfigError(f"data.synthetic.max_people: must be in 1..6, got {self.max_people}")
+        if not 1 <= self.max_people <= MAX_PEOPLE:
+            raise ConfigError(f"data.synthetic.max_people: must be in 1..{MAX_PEOPLE}, got {self.max_people}")
 
     def folder_name(self, keypoint_set: str, split: str, count: int, seed: int) -> str:
         """The generated split's folder: every setting that changes its images is in the name."""
         name = f"{keypoint_set}_{split}_{count}x{self.image_size}_s{seed}"
-        return name if self.max_people == 6 else f"{name}_p{self.max_people}"
+        return name if self.max_people == MAX_PEOPLE else f"{name}_p{self.max_people}"
 
 
 @dataclass(frozen=True)
