@@ -48,6 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     from querypose_platform.shards import ensure_synthetic_shards
     from querypose_platform.tracking import where_to_look
     from querypose_platform.tuning import (
+        check_same_grid,
         close_parent,
         log_results_table,
         open_parent_run,
@@ -60,6 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     init_ray()
     try:
         check_cluster(cfg)  # before any run is opened: a path that cannot work on this cluster names its key
+        check_same_grid(cfg)
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -30,6 +30,7 @@ KeypointHead = Literal["queries", "conv_gap_baseline"]
 ClassificationTarget = Literal["binary", "iou", "oks"]
 InitBoxes = Literal["image", "grid"]
 RoICoordinates = Literal["none", "tower", "spegm"]
+KeypointReadout = Literal["regression", "soft_argmax"]
 BackboneNorm = Literal["auto", "frozen_bn", "group_norm"]
 Backbone = Literal["resnet50", "resnet18", "resnet10t", "resnet34", "resnet101", "hrnet_w32", "hrnet_w48", "swin_large"]
 Dataset = Literal["coco", "crowdpose", "custom"]
@@ -104,6 +105,11 @@ class ModelConfig:
     # (x, y relative to the RoI) join the pose RoI features before the tower, for every keypoint head. "spegm":
     # each SPEGM attention map's expected position (its soft-argmax) joins its part embedding.
     roi_coordinates: RoICoordinates = "none"
+    # How part queries give keypoint positions (beyond the paper). "regression" (the paper): a linear head per part.
+    # "soft_argmax": each keypoint's query-conditioned attention over the RoI tokens (its part query, or the
+    # instance query), the map's expected position, plus the linear head's output as a residual
+    # (querypose.keypoint_decoder.SoftArgmaxReadout).
+    keypoint_readout: KeypointReadout = "regression"
     focal_alpha: float = 0.25
     focal_gamma: float = 2.0
     # What a matched query's classification is trained towards. "binary" (the paper): 1. "iou" / "oks" (beyond the
@@ -214,6 +220,11 @@ class ModelConfig:
             raise ConfigError(
                 "model.roi_coordinates='spegm' adds SPEGM's attention positions and needs part queries with "
                 "model.interaction='spegm'; for the other keypoint heads use model.roi_coordinates='tower'"
+            )
+        if self.keypoint_readout == "soft_argmax" and self.keypoint_head != "queries":
+            raise ConfigError(
+                "model.keypoint_readout='soft_argmax' reads positions with the keypoint queries and needs "
+                "model.keypoint_head='queries'; with the conv_gap_baseline head use 'regression'"
             )
         if self.keypoint_head == "conv_gap_baseline":
             return

@@ -12,10 +12,19 @@ from typing import Any
 from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 
+from querypose.config import ConfigError
 from querypose.evaluation import METRIC_NAMES
 from querypose_platform import plots
 from querypose_platform.config import ExperimentConfig
-from querypose_platform.tracking import RunLogger, client_for, finish_run, flatten, open_run
+from querypose_platform.tracking import (
+    MAX_PARAM_LENGTH,
+    RunLogger,
+    client_for,
+    find_run_id,
+    finish_run,
+    flatten,
+    open_run,
+)
 from querypose_platform.trainer import fit
 
 TABLE_COLUMNS = {  # by evaluation protocol
@@ -23,6 +32,8 @@ TABLE_COLUMNS = {  # by evaluation protocol
     "crowdpose": ("AP", "AP50", "AP75", "APe", "APm", "APh"),
 }
 CELL_TAG = "querypose.cell"
+# Settings whose change makes a cell's checkpoints another experiment's (a rerun would continue from them).
+CHECKPOINT_SETTINGS = ("model.", "data.", "train.")
 
 
 def cell_key(cell: dict[str, Any]) -> str:
@@ -131,11 +142,39 @@ def run_grid(cfg: ExperimentConfig, parent_run_id: str, resume: bool, stop_after
     return results
 
 
-def open_parent_run(cfg: ExperimentConfig) -> str:
-    cells = cfg.tune.grid_cells()
+def grid_params(cfg: ExperimentConfig) -> dict[str, Any]:
+    """The parent run's params: the flattened experiment, with the cells instead of the tune section."""
     params = {key: value for key, value in flatten(cfg.to_dict()).items() if not key.startswith("tune.")}
-    params["tune.cells"] = ";".join(cell_key(cell) for cell in cells)
-    return open_run(cfg.tracking, grid_run_key(cfg), cfg.run.name, params=params, tags={"querypose.grid": "parent"})
+    params["tune.cells"] = ";".join(cell_key(cell) for cell in cfg.tune.grid_cells())
+    return params
+
+
+def check_same_grid(cfg: ExperimentConfig) -> None:
+    """A grid's cells continue from the checkpoints and MLflow runs found under the same run.storage_path and
+    run.name (a stopped grid, or `make demo` run twice, picks up where it was). Refuse a rerun whose model, data
+    or training settings differ from the ones that grid logged: its cells would continue another experiment."""
+    run_id = find_run_id(cfg.tracking, grid_run_key(cfg))
+    if run_id is None:
+        return
+    logged = client_for(cfg.tracking).get_run(run_id).data.params
+    changed = {
+        key: (logged[key], str(value)[:MAX_PARAM_LENGTH])
+        for key, value in grid_params(cfg).items()
+        if key.startswith(CHECKPOINT_SETTINGS) and key in logged and logged[key] != str(value)[:MAX_PARAM_LENGTH]
+    }
+    if changed:
+        details = ", ".join(f"{key}: {old} -> {new}" for key, (old, new) in list(changed.items())[:4])
+        raise ConfigError(
+            f"run.name: the grid {cfg.run.name!r} in {cfg.run.storage_path} ran with other settings ({details}"
+            f"{', ...' if len(changed) > 4 else ''}) and its cells would continue from those checkpoints; give "
+            f"this experiment a new run.name (or delete {_experiment_path(cfg)} and MLflow run {run_id})"
+        )
+
+
+def open_parent_run(cfg: ExperimentConfig) -> str:
+    return open_run(
+        cfg.tracking, grid_run_key(cfg), cfg.run.name, params=grid_params(cfg), tags={"querypose.grid": "parent"}
+    )
 
 
 def results_rows(cfg: ExperimentConfig, parent_run_id: str) -> list[dict[str, Any]]:

@@ -81,6 +81,13 @@ def test_spegm_coordinates_need_spegm():
     assert load_config(None, [*overrides, "model.roi_coordinates=tower"]).model.roi_coordinates == "tower"
 
 
+def test_soft_argmax_readout_needs_keypoint_queries():
+    with pytest.raises(ConfigError, match="model.keypoint_readout='soft_argmax' .* use 'regression'"):
+        load_config(None, ["model.keypoint_head=conv_gap_baseline", "model.keypoint_readout=soft_argmax"])
+    instance = ["model.query_type=instance", "model.interaction=mhsa", "model.iteration=none"]
+    assert load_config(None, [*instance, "model.keypoint_readout=soft_argmax"]).model.keypoint_readout == "soft_argmax"
+
+
 def test_constructor_also_validates():
     with pytest.raises(ConfigError, match="model.part_scheme"):
         ModelConfig(part_scheme="ten_parts")

@@ -96,6 +96,27 @@ def test_bad_grid_fails_before_ray_starts(override, message, tmp_path):
     assert time.perf_counter() - started < 60
 
 
+def test_rerun_with_other_settings_is_refused_naming_what_changed(tmp_path):
+    """The same run.name continues the cells' checkpoints: a rerun with other training settings is an error
+    (which would otherwise continue the old cells), a rerun with the same settings or other cells is not."""
+    from querypose.config import ConfigError
+    from querypose_platform.config import load_config
+    from querypose_platform.tuning import check_same_grid, open_parent_run
+
+    where = [f"tracking.uri=sqlite:///{tmp_path / 'mlruns.db'}", f"run.storage_path={tmp_path / 'ray_results'}"]
+    cfg = load_config(SYNTHETIC_GRID, [*TINY, *where])
+    open_parent_run(cfg)
+    check_same_grid(cfg)
+    check_same_grid(load_config(SYNTHETIC_GRID, [*TINY, *where, "tune.cells=[{part_dim: 64}]"]))
+    changed = load_config(SYNTHETIC_GRID, [*TINY, *where, "train.max_iters=3", "model.num_queries=5"])
+    with pytest.raises(ConfigError) as error:
+        check_same_grid(changed)
+    message = str(error.value)
+    assert message.startswith("run.name: the grid 'ablation_synthetic'")
+    assert "model.num_queries: 6 -> 5" in message and "train.max_iters: 2 -> 3" in message
+    check_same_grid(load_config(SYNTHETIC_GRID, [*TINY, *where, "train.max_iters=3", "run.name=second"]))
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -10,7 +10,7 @@ from querypose.attention import MultiHeadAttention
 from querypose.criterion import SetCriterion
 from querypose.engine import train_step
 from querypose.interactions import DynamicConv
-from querypose.keypoint_decoder import NormLinear, PartHeads
+from querypose.keypoint_decoder import NormLinear, PartHeads, SoftArgmaxReadout
 from querypose.keypoints import COCO, CROWDPOSE, PART_SCHEMES
 from querypose.model import decode_keypoints, encode_keypoints
 from querypose.optim import build_optimizer, build_scheduler
@@ -68,6 +68,9 @@ VARIANTS = [
     {"roi_coordinates": "tower"},
     {"roi_coordinates": "tower", "query_type": "instance", "interaction": "mhsa", "iteration": "none"},
     {"roi_coordinates": "spegm"},
+    {"keypoint_readout": "soft_argmax"},
+    {"keypoint_readout": "soft_argmax", "interaction": "mhsa", "part_scheme": "per_joint"},
+    {"keypoint_readout": "soft_argmax", "query_type": "instance", "interaction": "mhsa", "iteration": "none"},
 ]
 
 
@@ -546,3 +549,38 @@ def test_tower_coordinates_tell_interior_positions_apart(coordinates):
     interior = outputs["tower"][0, :, 3:11, 3:11].flatten(1)  # farther from the border than the tower reaches
     spread = (interior - interior[:, :1]).abs().max()
     assert (spread < 1e-5) if coordinates == "none" else (spread > 1e-3)
+
+
+def test_soft_argmax_readout_is_the_attended_cells_position():
+    """model.keypoint_readout=soft_argmax: a keypoint whose key matches one token lands on that token's cell
+    centre, in keypoint order whatever the scheme's part order; a key matching nothing gives the RoI's centre."""
+    readout = SoftArgmaxReadout.for_parts(dim=4, part_dim=2, spec=COCO, scheme="rigid7")
+    size, dim = 14, 4
+    tokens = torch.zeros(1, size * size, dim)
+    tokens[0, 3 * size + 10, 0] = 1e3  # row 3, column 10: only this token has feature 0
+    with torch.no_grad():
+        readout.keys.zero_()
+        left_wrist = 9  # COCO's keypoint 9
+        part_slot = int((readout.to_keypoint_order == left_wrist).nonzero())  # its row in part order
+        readout.keys[part_slot, 0, 0] = 1.0
+    queries = torch.zeros(1, len(COCO.parts("rigid7")), 2)
+    queries[..., 0] = 1.0
+    positions = readout(queries, tokens)  # (1, 17, 2)
+    cell = lambda i: (i + 0.5) / size - 0.5  # noqa: E731
+    assert positions.shape == (1, 17, 2)
+    assert torch.allclose(positions[0, left_wrist], torch.tensor([cell(10), cell(3)]), atol=1e-5)
+    others = torch.cat([positions[0, :left_wrist], positions[0, left_wrist + 1 :]])
+    assert torch.allclose(others, torch.zeros_like(others), atol=1e-6)
+
+
+@pytest.mark.parametrize("query_type", ["part", "instance"])
+def test_soft_argmax_readout_starts_as_the_pure_soft_argmax(query_type):
+    """The regression head's mu is a residual that starts at zero, so the first predictions lie in the RoI."""
+    change = {"query_type": "instance", "interaction": "mhsa", "iteration": "none"} if query_type == "instance" else {}
+    model = build_model(dataclasses.replace(TINY, keypoint_readout="soft_argmax", **change))
+    stage, parts = model.keypoint_stages[0], model.init_part_queries.weight[None] if query_type == "part" else None
+    out = stage(torch.randn(1, TINY.hidden_dim, 32, 32), torch.tensor([[16.0, 16.0, 72.0, 72.0]]),
+                torch.zeros(1, dtype=torch.long), torch.randn(1, 32), parts)  # fmt: skip
+    assert out["mu"].shape == (1, 17, 2)
+    assert out["mu"].abs().max() < 0.5  # expected cell centres of a 14x14 RoI lie within (-0.5, 0.5)
+    assert out["mu"].std() > 1e-4  # and depend on the keypoint
