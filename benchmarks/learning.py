@@ -135,6 +135,13 @@ def main(argv: list[str] | None = None) -> int:
         "in time rather than iterations: the step rate varies between machines); replaces train.lr_steps. 0: off, "
         "train.lr_steps apply (use it with --iterations)",
     )
+    parser.add_argument(
+        "--ema",
+        type=float,
+        default=0.0,
+        help="evaluate and save an exponential moving average of the weights with this decay (e.g. 0.999; "
+        "querypose.optim.build_ema); 0: off, the trained weights",
+    )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--synthetic-root", type=Path, default=PROJECT_ROOT / "data" / "synthetic")
     parser.add_argument("--json", type=Path, help="write the curve here")
@@ -150,10 +157,13 @@ def main(argv: list[str] | None = None) -> int:
     import train_local
 
     from querypose.engine import coco_samples, evaluate, train_step
+    from querypose.optim import build_ema
     from querypose_platform.config import ExperimentConfig, apply_overrides
 
     if not 0 <= args.decay_at < 1:
         parser.error(f"--decay-at: a fraction of the budget in [0, 1), got {args.decay_at}")
+    if not 0 <= args.ema < 1:
+        parser.error(f"--ema: a decay in [0, 1) (0: off), got {args.ema}")
     if args.decay_at:
         args.overrides = [*args.overrides, "train.lr_steps=[]"]
     cfg = ExperimentConfig.from_dict(apply_overrides(json.loads(json.dumps(SMALL)), args.overrides))
@@ -168,6 +178,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.pretrain_iters:
         cfg, pretrain_s = pretrained_backbone(cfg, train_samples, args.pretrain_iters, args.synthetic_root)
     model, criterion, optimizer, scheduler = train_local.build_training(cfg, device)
+    ema = build_ema(model, args.ema) if args.ema else None
+    evaluated = ema.module if ema is not None else model  # what is scored and saved
     batches = train_local.training_batches(train_samples, cfg, np.random.default_rng(cfg.train.seed))
     print(f"[learning] {len(train_samples)} train / {len(val_samples)} held-out images, {args.threads} threads, "
           f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters")  # fmt: skip
@@ -180,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     recent_terms: dict[str, list[float]] = {f"loss_{t}_s{last}": [] for t in ("cls", "giou", "rle")}
 
     def record() -> None:
-        metrics = evaluate(model, val_samples, splits["val"][0], cfg.model.spec)
+        metrics = evaluate(evaluated, val_samples, splits["val"][0], cfg.model.spec)
         point = {"minutes": round(trained_s / 60, 2), "iterations": iteration, "cpu_minutes": round(cpu_s / 60, 2),
                  "loss": round(float(np.mean(recent)), 3) if recent else None, "lr": scheduler.get_last_lr()[0],
                  **metrics}  # fmt: skip
@@ -212,6 +224,8 @@ def main(argv: list[str] | None = None) -> int:
         wall, cpu = time.perf_counter(), time.process_time()
         images, image_sizes, targets = next(batches)
         terms = train_step(model, criterion, optimizer, scheduler, images, image_sizes, targets, cfg.train.clip_grad)
+        if ema is not None:
+            ema.update_parameters(model)
         trained_s += time.perf_counter() - wall
         cpu_s += time.process_time() - cpu
         iteration += 1
@@ -249,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.save_weights:
         from querypose.weights import save_weights
 
-        print(f"wrote {save_weights(model, cfg.model, args.save_weights)}")
+        print(f"wrote {save_weights(evaluated, cfg.model, args.save_weights)}")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         report = {
@@ -262,6 +276,7 @@ def main(argv: list[str] | None = None) -> int:
             "curve": curve,
             "final_ap": final_ap,
             "lr_decay": lr_decay,
+            "ema_decay": args.ema or None,
             "grad_norm_over_clip": grad_clip,
             "early_grad_norms": early_grad_norms,
             "goal": {"ap": GOAL_AP, "minutes": GOAL_MINUTES, "reached_at_minutes": reached},

@@ -66,7 +66,7 @@ def _touch_all_parameters(model: nn.Module) -> torch.Tensor:
     """Zero that depends on every trainable parameter. A batch without people leaves the keypoint heads unused
     on that rank; DDP (find_unused_parameters=False, which the flow's use outside forward requires) then waits
     for gradients that never come. A zero-weighted touch gives each parameter a zero gradient instead."""
-    return sum(p.view(-1)[0] for p in model.parameters() if p.requires_grad) * 0.0
+    return sum(p[(0,) * p.dim()] for p in model.parameters() if p.requires_grad) * 0.0
 
 
 # --- evaluation ----------------------------------------------------------------------------------------------

@@ -75,3 +75,23 @@ def clip_gradients(model: nn.Module, max_norm: float = 1.0) -> float:
     if max_norm <= 0:
         return float(torch.nn.utils.get_total_norm([p.grad for p in parameters]))
     return float(torch.nn.utils.clip_grad_norm_(parameters, max_norm))
+
+
+def build_ema(model: nn.Module, decay: float) -> torch.optim.swa_utils.AveragedModel:
+    """An exponential moving average of `model`'s (the plain module's, not a DDP wrapper's) weights and buffers (call `ema.update_parameters(model)` after
+    each optimiser step; evaluate `ema.module`). The decay ramps up as min(decay, (1 + n) / (10 + n)) over the n
+    updates so far (timm's ModelEmaV3 warm-up), so the early average is not dominated by the initial weights."""
+    if not 0 < decay < 1:
+        raise ValueError(f"build_ema: decay must be in (0, 1), got {decay}")
+
+    def update(averaged: list[torch.Tensor], current: list[torch.Tensor], num_averaged: torch.Tensor) -> None:
+        n = int(num_averaged)
+        weight = 1.0 - min(decay, (1 + n) / (10 + n))
+        floating = [(a, c) for a, c in zip(averaged, current, strict=True) if a.is_floating_point()]
+        if floating:  # the tensors come grouped by dtype: a group may hold only integer buffers
+            torch._foreach_lerp_([a for a, _ in floating], [c for _, c in floating], weight)
+        for a, c in zip(averaged, current, strict=True):
+            if not a.is_floating_point():  # e.g. BatchNorm's num_batches_tracked
+                a.copy_(c)
+
+    return torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=update, use_buffers=True)

@@ -157,10 +157,11 @@ def check_same_grid(cfg: ExperimentConfig) -> None:
     if run_id is None:
         return
     logged = client_for(cfg.tracking).get_run(run_id).data.params
+    now = {key: str(value)[:MAX_PARAM_LENGTH] for key, value in grid_params(cfg).items()}  # as MLflow stored them
     changed = {
-        key: (logged[key], str(value)[:MAX_PARAM_LENGTH])
-        for key, value in grid_params(cfg).items()
-        if key.startswith(CHECKPOINT_SETTINGS) and key in logged and logged[key] != str(value)[:MAX_PARAM_LENGTH]
+        key: (logged[key], value)
+        for key, value in now.items()
+        if key.startswith(CHECKPOINT_SETTINGS) and key in logged and logged[key] != value
     }
     if changed:
         details = ", ".join(f"{key}: {old} -> {new}" for key, (old, new) in list(changed.items())[:4])

@@ -96,14 +96,17 @@ def test_bad_grid_fails_before_ray_starts(override, message, tmp_path):
     assert time.perf_counter() - started < 60
 
 
-def test_rerun_with_other_settings_is_refused_naming_what_changed(tmp_path):
+@pytest.mark.parametrize("store", ["sqlite", "mlflow server"])
+def test_rerun_with_other_settings_is_refused_naming_what_changed(store, request, tmp_path):
     """The same run.name continues the cells' checkpoints: a rerun with other training settings is an error
-    (which would otherwise continue the old cells), a rerun with the same settings or other cells is not."""
+    (which would otherwise continue the old cells), a rerun with the same settings or other cells is not. The
+    logged settings are read back from a SQLite store and from a real `mlflow server` (a cluster's store)."""
     from querypose.config import ConfigError
     from querypose_platform.config import load_config
     from querypose_platform.tuning import check_same_grid, open_parent_run
 
-    where = [f"tracking.uri=sqlite:///{tmp_path / 'mlruns.db'}", f"run.storage_path={tmp_path / 'ray_results'}"]
+    uri = f"sqlite:///{tmp_path / 'mlruns.db'}" if store == "sqlite" else request.getfixturevalue("mlflow_server").url
+    where = [f"tracking.uri={uri}", f"run.storage_path={tmp_path / 'ray_results'}"]
     cfg = load_config(SYNTHETIC_GRID, [*TINY, *where])
     open_parent_run(cfg)
     check_same_grid(cfg)

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
@@ -44,3 +45,29 @@ def test_learning_rejects_a_decay_fraction_outside_the_budget(tmp_path, capsys):
     with pytest.raises(SystemExit):
         learning.main(["--decay-at", "1.5", "--synthetic-root", str(tmp_path)])
     assert "--decay-at: a fraction of the budget in [0, 1), got 1.5" in capsys.readouterr().err
+
+
+def test_learning_scores_and_saves_the_ema_weights_when_asked(tmp_path):
+    """--ema: the saved (and evaluated) weights are the moving average, not the last step's weights of the same
+    (seeded) run."""
+    from querypose.weights import load_weights
+
+    saved = {}
+    for name, extra in (("plain", []), ("ema", ["--ema", "0.9"])):
+        saved[name] = tmp_path / f"{name}.pt"
+        args = ["--iterations", "4", "--eval-every-iters", "4", "--decay-at", "0", "--threads", "1",
+                "--synthetic-root", str(tmp_path / "synthetic"), "--save-weights", str(saved[name]),
+                "--json", str(tmp_path / f"{name}.json"), *extra, *TINY]  # fmt: skip
+        assert learning.main(args) == 0
+    assert json.loads((tmp_path / "ema.json").read_text())["ema_decay"] == 0.9
+    plain, _ = load_weights(saved["plain"])
+    ema, _ = load_weights(saved["ema"])
+    assert plain.keys() == ema.keys()
+    moved = [k for k in plain if plain[k].is_floating_point() and not torch.equal(plain[k], ema[k])]
+    assert any(k.startswith("box_stages.") for k in moved) and any(k.startswith("backbone.") for k in moved)
+
+
+def test_learning_rejects_an_ema_decay_of_one(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        learning.main(["--ema", "1", "--synthetic-root", str(tmp_path)])
+    assert "--ema: a decay in [0, 1) (0: off), got 1.0" in capsys.readouterr().err

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from querypose import ModelConfig, build_model
-from querypose.optim import build_optimizer, build_scheduler, clip_gradients, lr_factor
+from querypose.optim import build_ema, build_optimizer, build_scheduler, clip_gradients, lr_factor
 
 
 def test_flow_gets_ten_times_the_learning_rate_and_frozen_params_are_skipped():
@@ -43,3 +43,22 @@ def test_clip_gradients_limits_the_total_norm():
     assert norm == pytest.approx((27 + 64) ** 0.5)
     total = torch.cat([a.grad, b.grad]).norm()
     assert float(total) == pytest.approx(1.0, rel=1e-4)
+
+
+def test_ema_follows_the_weights_with_a_warm_up_and_copies_integer_buffers():
+    module = torch.nn.BatchNorm1d(2)  # a float weight and running stats, an integer num_batches_tracked
+    ema = build_ema(module, decay=0.9)
+    expected = torch.ones(2)  # the first update copies
+    for step, value in enumerate([1.0, 3.0, 5.0, 7.0]):
+        with torch.no_grad():
+            module.weight.fill_(value)
+        module.num_batches_tracked.fill_(step + 1)
+        ema.update_parameters(module)
+        if step:
+            decay = min(0.9, (1 + step) / (10 + step))  # n = step updates averaged so far
+            expected = decay * expected + (1 - decay) * value
+        assert torch.allclose(ema.module.weight, expected), step
+    assert int(ema.module.num_batches_tracked) == 4
+    assert module.weight[0] == 7.0  # the trained module is untouched
+    with pytest.raises(ValueError, match="decay must be in"):
+        build_ema(module, decay=1.0)
