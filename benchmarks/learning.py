@@ -43,10 +43,10 @@ GRAD_NORM_ITERS = 200
 # people) scaled to a short side of 128-160 in training and 144 at test (half the pixels: twice the steps), with the
 # training aids that are off in the paper configs (FIDELITY.md row 14): proposal boxes on a grid, RoI coordinate
 # channels before the keypoint tower, the soft-argmax keypoint readout (3x the AP of the paper's regression head at
-# 20 minutes: 0.33 against 0.12), the authors' auxiliary keypoint heatmap and the box-only instance pipeline (its
-# scores cannot learn "was updated"). The learning rate drops 10x at 80 % of the time budget (`--decay-at`): each
-# drop harvests what the high-lr phase built (a drop at 1000 iterations gave a jump by 1500 and then little more),
-# so the drop comes late. `lr_steps` applies with `--decay-at 0`, for iteration budgets.
+# 20 minutes side by side: 0.33 against 0.12; 0.355 alone on 2 cores), the authors' auxiliary keypoint heatmap and
+# the box-only instance pipeline (its scores cannot learn "was updated"). The learning rate drops 10x at 80 % of the
+# time budget (`--decay-at`): each drop harvests what the high-lr phase built (a drop at 1000 iterations gave a
+# jump by 1500 and then little more), so the drop comes late. `lr_steps` applies with `--decay-at 0`, for iteration budgets.
 SMALL = {
     "model": {
         "backbone": "resnet18",
