@@ -78,8 +78,8 @@ def clip_gradients(model: nn.Module, max_norm: float = 1.0) -> float:
 
 
 def build_ema(model: nn.Module, decay: float) -> torch.optim.swa_utils.AveragedModel:
-    """An exponential moving average of `model`'s (the plain module's, not a DDP wrapper's) weights and buffers (call `ema.update_parameters(model)` after
-    each optimiser step; evaluate `ema.module`). The decay ramps up as min(decay, (1 + n) / (10 + n)) over the n
+    """An exponential moving average of `model`'s weights and buffers (the plain module, not a DDP wrapper): call
+    `ema.update_parameters(model)` after each optimiser step and evaluate `ema.module`. The decay ramps up as min(decay, (1 + n) / (10 + n)) over the n
     updates so far (timm's ModelEmaV3 warm-up), so the early average is not dominated by the initial weights."""
     if not 0 < decay < 1:
         raise ValueError(f"build_ema: decay must be in (0, 1), got {decay}")
