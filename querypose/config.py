@@ -110,6 +110,15 @@ class ModelConfig:
     # instance query), the map's expected position, plus the linear head's output as a residual
     # (querypose.keypoint_decoder.SoftArgmaxReadout).
     keypoint_readout: KeypointReadout = "regression"
+    # Beyond the paper, with the soft-argmax readout: weight of a cross-entropy that pulls each keypoint's readout
+    # attention over the RoI towards a Gaussian (one cell wide) at its labelled position, as integral pose
+    # regression pairs its soft-argmax with a heatmap loss. The expected position alone cannot tell a map split
+    # between two people's joints from one on the right joint; this term can. 0 = off.
+    readout_map_weight: float = 0.0
+    # Beyond the paper, inference only: with r > 0 the soft-argmax readout averages over the (2r + 1)^2 cells around
+    # each map's peak instead of the whole RoI (a map with a second mode on a neighbour's joint reads its peak).
+    # 0 = the whole RoI, as in training.
+    readout_peak_window: int = 0
     focal_alpha: float = 0.25
     focal_gamma: float = 2.0
     # What a matched query's classification is trained towards. "binary" (the paper): 1. "iou" / "oks" (beyond the
@@ -176,7 +185,9 @@ class ModelConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"model.{name}: must be >= 1, got {getattr(self, name)}")
-        for name in ("cls_weight", "l1_weight", "giou_weight", "rle_weight", "keypoint_cost", "aux_heatmap_weight"):
+        weights = ("cls_weight", "l1_weight", "giou_weight", "rle_weight", "keypoint_cost", "aux_heatmap_weight",
+                   "readout_map_weight")  # fmt: skip
+        for name in weights:
             if getattr(self, name) < 0:
                 raise ConfigError(f"model.{name}: must be >= 0, got {getattr(self, name)}")
         if self.hidden_dim % self.num_heads:
@@ -225,6 +236,20 @@ class ModelConfig:
             raise ConfigError(
                 "model.keypoint_readout='soft_argmax' reads positions with the keypoint queries and needs "
                 "model.keypoint_head='queries'; with the conv_gap_baseline head use 'regression'"
+            )
+        if self.readout_peak_window < 0:
+            raise ConfigError(
+                f"model.readout_peak_window: must be >= 0 (0: the whole RoI), got {self.readout_peak_window}"
+            )
+        if self.readout_peak_window > 0 and self.keypoint_readout != "soft_argmax":
+            raise ConfigError(
+                f"model.readout_peak_window={self.readout_peak_window} windows the soft-argmax readout and needs "
+                "model.keypoint_readout='soft_argmax' (or readout_peak_window=0)"
+            )
+        if self.readout_map_weight > 0 and self.keypoint_readout != "soft_argmax":
+            raise ConfigError(
+                f"model.readout_map_weight={self.readout_map_weight} trains the soft-argmax readout's attention "
+                "maps and needs model.keypoint_readout='soft_argmax' (or readout_map_weight=0)"
             )
         if self.keypoint_head == "conv_gap_baseline":
             return

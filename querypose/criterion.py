@@ -7,6 +7,7 @@ import torch.distributed as dist
 from torch import nn
 from torchvision.ops import box_iou, generalized_box_iou_loss, sigmoid_focal_loss
 
+from querypose.box_ops import coordinate_grid
 from querypose.config import ModelConfig
 from querypose.flow import RealNVP, rle_loss
 from querypose.heatmap import heatmap_focal_loss, render_heatmaps
@@ -22,7 +23,8 @@ class SetCriterion(nn.Module):
     `loss` is the weighted sum over all stages. Every term is divided by the number of people in the batch,
     averaged over workers when torch.distributed is initialised, and the RLE term also by the number of keypoints
     K, as the authors do (`num_boxes * 17` on COCO): it is a mean per keypoint, not per person. With the model's
-    auxiliary heatmap head on, `loss_aux_heatmap` (CornerNet focal loss, once per batch) joins the total.
+    auxiliary heatmap head on, `loss_aux_heatmap` (CornerNet focal loss, once per batch) joins the total; with
+    `readout_map_weight` > 0 and the soft-argmax readout, `loss_readout_s{s}` (per keypoint, as RLE) does.
     """
 
     def __init__(
@@ -36,11 +38,13 @@ class SetCriterion(nn.Module):
         aux_heatmap_weight: float = 0.5,
         cls_target: str = "binary",
         sigmas: tuple[float, ...] | None = None,
+        readout_map_weight: float = 0.0,
     ) -> None:
         super().__init__()
         if cls_target == "oks" and sigmas is None:
             raise ValueError("SetCriterion: cls_target='oks' needs the dataset's OKS sigmas")
-        self.weights = {"cls": cls_weight, "l1": l1_weight, "giou": giou_weight, "rle": rle_weight}
+        self.weights = {"cls": cls_weight, "l1": l1_weight, "giou": giou_weight, "rle": rle_weight,
+                        "readout": readout_map_weight}  # fmt: skip
         self.focal_alpha, self.focal_gamma = focal_alpha, focal_gamma
         self.aux_heatmap_weight = aux_heatmap_weight
         self.cls_target = cls_target
@@ -50,7 +54,7 @@ class SetCriterion(nn.Module):
     def from_config(cls, cfg: ModelConfig) -> SetCriterion:
         return cls(
             cfg.cls_weight, cfg.l1_weight, cfg.giou_weight, cfg.rle_weight, cfg.focal_alpha, cfg.focal_gamma,
-            cfg.aux_heatmap_weight, cfg.cls_target, cfg.spec.sigmas,
+            cfg.aux_heatmap_weight, cfg.cls_target, cfg.spec.sigmas, cfg.readout_map_weight,
         )  # fmt: skip
 
     def forward(
@@ -88,7 +92,11 @@ class SetCriterion(nn.Module):
                 **self.loss_boxes(stage["boxes"], matched, image_sizes),
                 "rle": self.loss_rle(stage, matched, flow),
             }
+            if self.weights["readout"] > 0 and "keypoint_readout_logits" in stage:
+                terms["readout"] = self.loss_readout_map(stage, matched)
             terms["rle"] = terms["rle"] / num_keypoints
+            if "readout" in terms:
+                terms["readout"] = terms["readout"] / num_keypoints
             for name, value in terms.items():
                 losses[f"loss_{name}_s{s}"] = value / num_people
                 total = total + self.weights[name] * losses[f"loss_{name}_s{s}"]
@@ -130,12 +138,21 @@ class SetCriterion(nn.Module):
         return {"l1": l1, "giou": giou}
 
     def loss_rle(self, stage: dict, matched: dict[str, torch.Tensor], flow: RealNVP) -> torch.Tensor:
-        """RLE on the matched poses. Targets are relative to the detached predicted box the keypoints were
-        decoded from; unlabelled keypoints and those outside that box carry no weight. Summed."""
-        target = encode_keypoints(matched["keypoints"][..., :2], stage["keypoint_boxes"].detach().float())  # (T,K,2)
-        inside = ((target >= -0.5) & (target <= 0.5)).all(-1)  # (T, K)
-        weight = ((matched["keypoints"][..., 2] > 0) & inside).unsqueeze(-1)  # (T, K, 1)
-        return rle_loss(stage["keypoint_mu"], stage["keypoint_sigma"], target, weight, flow, 1.0)
+        """RLE on the matched poses. Summed."""
+        target, weight = _box_relative_targets(stage, matched)
+        return rle_loss(stage["keypoint_mu"], stage["keypoint_sigma"], target, weight.unsqueeze(-1), flow, 1.0)
+
+    def loss_readout_map(self, stage: dict, matched: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Cross-entropy of each matched keypoint's readout map (T, K, S*S logits) against a Gaussian of one cell's
+        standard deviation at its target, normalised over the cells. Summed over the weighted keypoints."""
+        logits = stage["keypoint_readout_logits"].float()
+        size = round(logits.shape[-1] ** 0.5)
+        target, weight = _box_relative_targets(stage, matched)
+        centres = coordinate_grid(size, logits).flatten(2)[0].T  # (S*S, 2) as (x, y)
+        cells_squared = ((target[..., None, :] - centres) ** 2).sum(-1) * size**2  # (T, K, S*S) in cells^2
+        soft_target = (-cells_squared / 2).softmax(dim=-1)
+        cross_entropy = -(soft_target * logits.log_softmax(dim=-1)).sum(-1)  # (T, K)
+        return (cross_entropy * weight).sum()
 
     @staticmethod
     def num_people(targets: list[dict[str, torch.Tensor]], device: torch.device) -> torch.Tensor:
@@ -145,6 +162,14 @@ class SetCriterion(nn.Module):
             dist.all_reduce(count)
             count = count / dist.get_world_size()
         return count.clamp_min(1.0)
+
+
+def _box_relative_targets(stage: dict, matched: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The matched keypoints relative to the detached predicted box they were decoded from (T, K, 2), and which
+    count (T, K): labelled and inside that box."""
+    target = encode_keypoints(matched["keypoints"][..., :2], stage["keypoint_boxes"].detach().float())
+    inside = ((target >= -0.5) & (target <= 0.5)).all(-1)
+    return target, (matched["keypoints"][..., 2] > 0) & inside
 
 
 def _matched_targets(

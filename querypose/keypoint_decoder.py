@@ -76,11 +76,23 @@ class SoftArgmaxReadout(nn.Module):
     the keypoint's position, to which the regression head's mu adds a residual. A linear head must learn positions
     as directions in query space; here the tokens that look like the keypoint point at it, which a randomly
     initialised model learns in far fewer steps.
-    queries (R, Q, d_q), tokens (R, S*S, d) -> positions (R, K, 2) box-relative (-0.5 .. 0.5) in keypoint order.
+    With peak_window r > 0, inference (not training) takes the expectation over the (2r + 1)^2 cells around each
+    map's peak only, so a map with a second mode (the same joint of a neighbour in the RoI) reads its peak's
+    position instead of a point between the two.
+    queries (R, Q, d_q), tokens (R, S*S, d) -> positions (R, K, 2) box-relative (-0.5 .. 0.5) and the maps'
+    logits (R, K, S*S), both in keypoint order.
     """
 
-    def __init__(self, dim: int, query_dim: int, query_of_keypoint: list[int], to_keypoint_order: torch.Tensor):
+    def __init__(
+        self,
+        dim: int,
+        query_dim: int,
+        query_of_keypoint: list[int],
+        to_keypoint_order: torch.Tensor,
+        peak_window: int = 0,
+    ):
         super().__init__()
+        self.peak_window = peak_window
         self.register_buffer("query_of_keypoint", torch.tensor(query_of_keypoint), persistent=False)
         self.register_buffer("to_keypoint_order", to_keypoint_order, persistent=False)
         self.keys = nn.Parameter(torch.empty(len(query_of_keypoint), dim, query_dim))
@@ -88,25 +100,32 @@ class SoftArgmaxReadout(nn.Module):
             nn.init.xavier_uniform_(key)
 
     @classmethod
-    def for_parts(cls, dim: int, part_dim: int, spec: KeypointSpec, scheme: str) -> SoftArgmaxReadout:
+    def for_parts(
+        cls, dim: int, part_dim: int, spec: KeypointSpec, scheme: str, peak_window: int = 0
+    ) -> SoftArgmaxReadout:
         """Part queries (R, M, d_p) in the scheme's part order; keys are held in that order."""
         parts = spec.parts(scheme)
         part_of_keypoint = [m for m, part in enumerate(parts) for _ in part]
-        return cls(dim, part_dim, part_of_keypoint, torch.from_numpy(spec.inverse_part_order(scheme)))
+        return cls(dim, part_dim, part_of_keypoint, torch.from_numpy(spec.inverse_part_order(scheme)), peak_window)
 
     @classmethod
-    def for_instance(cls, dim: int, num_keypoints: int) -> SoftArgmaxReadout:
+    def for_instance(cls, dim: int, num_keypoints: int, peak_window: int = 0) -> SoftArgmaxReadout:
         """One instance query (R, 1, d) for every keypoint."""
-        return cls(dim, dim, [0] * num_keypoints, torch.arange(num_keypoints))
+        return cls(dim, dim, [0] * num_keypoints, torch.arange(num_keypoints), peak_window)
 
-    def forward(self, queries: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    def forward(self, queries: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         size = int(tokens.shape[1] ** 0.5)
         per_keypoint = queries[:, self.query_of_keypoint]  # (R, K, d_q): each keypoint's own query
         keys = torch.einsum("rkq,kdq->rkd", per_keypoint, self.keys)  # (R, K, d)
         logits = torch.bmm(keys, tokens.transpose(1, 2)) / tokens.shape[-1] ** 0.5  # (R, K, S*S)
         centres = coordinate_grid(size, tokens).flatten(2)[0].T  # (S*S, 2) as (x, y)
-        positions = logits.softmax(dim=-1) @ centres  # (R, K, 2)
-        return positions[:, self.to_keypoint_order]
+        weights = logits
+        if self.peak_window and not self.training:
+            peak = centres[logits.argmax(dim=-1)]  # (R, K, 2)
+            near = ((centres - peak[..., None, :]).abs() * size < self.peak_window + 0.5).all(-1)  # (R, K, S*S)
+            weights = logits.masked_fill(~near, float("-inf"))
+        positions = weights.softmax(dim=-1) @ centres  # (R, K, 2)
+        return positions[:, self.to_keypoint_order], logits[:, self.to_keypoint_order]
 
 
 def roi_tower(dim: int, hidden: int, depth: int, extra_inputs: int = 0) -> nn.Sequential:
@@ -142,7 +161,7 @@ class KeypointStage(nn.Module):
         elif self.mode == "instance":
             self.mu_head = xavier(NormLinear(dim, 2 * spec.num_keypoints))
             if cfg.keypoint_readout == "soft_argmax":
-                self.readout = SoftArgmaxReadout.for_instance(dim, spec.num_keypoints)
+                self.readout = SoftArgmaxReadout.for_instance(dim, spec.num_keypoints, cfg.readout_peak_window)
                 # The regression starts as a zero residual on the soft-argmax (gradients still reach the weights).
                 nn.init.zeros_(self.mu_head.weight)
                 nn.init.zeros_(self.mu_head.bias)
@@ -166,7 +185,9 @@ class KeypointStage(nn.Module):
             self.part_ffn = FeedForward(part_dim, cfg.ffn_dim)
             self.heads = PartHeads(part_dim, spec, cfg.part_scheme)
             if cfg.keypoint_readout == "soft_argmax":
-                self.readout = SoftArgmaxReadout.for_parts(dim, part_dim, spec, cfg.part_scheme)
+                self.readout = SoftArgmaxReadout.for_parts(
+                    dim, part_dim, spec, cfg.part_scheme, cfg.readout_peak_window
+                )
                 # The regression starts as a zero residual on the soft-argmax (gradients still reach the weights).
                 nn.init.zeros_(self.heads.mu_weight)
                 nn.init.zeros_(self.heads.mu_bias)
@@ -188,8 +209,8 @@ class KeypointStage(nn.Module):
         instance_queries (R, d), part_queries (R, M, d_p) or None.
 
         Returns mu, sigma (R, K, 2) box-relative, the instance_queries (R, d) the next box stage reads (updated
-        under the serial pipeline) and, for part queries, part_queries (R, M, d_p) and attention (R, M, 28, 28)
-        when SPEGM is used.
+        under the serial pipeline), for part queries part_queries (R, M, d_p) and attention (R, M, 28, 28) when
+        SPEGM is used, and with the soft-argmax readout its maps' readout_logits (R, K, 196).
         """
         rois = rois_from_boxes(boxes, image_index)
         pooled = roi_align(p2, rois, POSE_POOL, spatial_scale=1 / P2_STRIDE, sampling_ratio=2, aligned=True)
@@ -211,7 +232,8 @@ class KeypointStage(nn.Module):
         elif self.mode == "instance":
             out["mu"] = self.mu_head(updated).view(-1, self.num_keypoints, 2)
             if hasattr(self, "readout"):
-                out["mu"] = out["mu"] + self.readout(updated[:, None], tokens)
+                positions, out["readout_logits"] = self.readout(updated[:, None], tokens)
+                out["mu"] = out["mu"] + positions
             out["sigma"] = torch.sigmoid(self.sigma_head(updated)).view(-1, self.num_keypoints, 2)
         else:
             out.update(self._part_forward(features, tokens, updated, part_queries))
@@ -233,5 +255,6 @@ class KeypointStage(nn.Module):
         out["part_queries"] = queries
         out["mu"], out["sigma"] = self.heads(queries)
         if hasattr(self, "readout"):
-            out["mu"] = out["mu"] + self.readout(queries, tokens)
+            positions, out["readout_logits"] = self.readout(queries, tokens)
+            out["mu"] = out["mu"] + positions
         return out

@@ -150,8 +150,8 @@ class QueryPose(nn.Module):
         Returns {"stages": [...], "query_groups": G}, per stage: logits (B G, N), boxes (B G, N, 4), indices
         (B G pairs of matched (pred_idx, gt_idx); row b G + g is query group g of image b, matched to image b's
         people), keypoint_mu / keypoint_sigma (T, K, 2) for the T matched queries in indices order,
-        keypoint_boxes (T, 4) the detached boxes they are relative to; with model.aux_heatmap also "heatmap"
-        (B, K, H/4, W/4) logits. G = model.query_groups (1: the paper).
+        keypoint_boxes (T, 4) the detached boxes they are relative to, and with the soft-argmax readout
+        keypoint_readout_logits (T, K, 196) its maps; with model.aux_heatmap also "heatmap" (B, K, H/4, W/4) logits. G = model.query_groups (1: the paper).
         """
         groups = self.cfg.query_groups
         targets, image_sizes = per_group_rows(targets, image_sizes, groups)
@@ -182,6 +182,8 @@ class QueryPose(nn.Module):
                     "keypoint_boxes": boxes[batch_index, query_index],
                 }
             )
+            if "readout_logits" in out:
+                stages[-1]["keypoint_readout_logits"] = out["readout_logits"]
         outputs = {"stages": stages, "query_groups": groups}
         if self.cfg.aux_heatmap:
             outputs["heatmap"] = self.heatmap_head(features[0])
@@ -198,7 +200,7 @@ class QueryPose(nn.Module):
         indices = self.matcher(logits, boxes, targets, image_sizes, keypoints=pixels)
         batch_index, query_index = _flatten_indices(indices, boxes.device)
         rows = batch_index * num_queries + query_index
-        selected = {"mu": out["mu"][rows], "sigma": out["sigma"][rows]}
+        selected = {name: out[name][rows] for name in ("mu", "sigma", "readout_logits") if name in out}
         return selected, instance, parts, indices, batch_index, query_index
 
     # --- inference -----------------------------------------------------------------------------------------

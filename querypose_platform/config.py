@@ -27,7 +27,7 @@ GRID_AXES = (
     "query_type", "interaction", "iteration", "part_dim", "part_scheme", "instance_pipeline",
     "keypoint_head", "num_queries", "backbone", "num_stages", "keypoint_cost", "keypoint_training_queries",
     "cls_target", "aux_heatmap", "query_groups", "init_boxes", "roi_coordinates",
-    "keypoint_readout", "prune_queries_after_stage",
+    "keypoint_readout", "readout_map_weight", "readout_peak_window", "prune_queries_after_stage",
 )  # fmt: skip
 
 

@@ -232,3 +232,82 @@ def test_quality_targets_train_matched_queries_towards_their_box_iou_or_pose_oks
     assert got.item() == pytest.approx(expected.item(), rel=1e-5)
     binary = SetCriterion()(outputs, targets, SIZES, RealNVP())["loss_cls_s0"]
     assert binary.item() != pytest.approx(got.item(), rel=1e-3)
+
+
+def _with_readout_maps(outputs, logits_of):
+    """Attach (T, K, 196) readout logits made by logits_of(stage) to every stage."""
+    for stage in outputs["stages"]:
+        stage["keypoint_readout_logits"] = logits_of(stage).requires_grad_()
+    return outputs
+
+
+def test_readout_map_term_is_a_cross_entropy_to_a_one_cell_gaussian_per_keypoint():
+    """model.readout_map_weight: each labelled keypoint inside its box pays -sum_c g_c log softmax(logits)_c, g a
+    normalised Gaussian (sd one cell) at its target; the sum is divided by people x K and weighted into the total."""
+    targets = make_targets()
+    targets[1]["keypoints"][0, 5, :2] = torch.tensor([5.0, 5.0])  # labelled but outside its predicted box
+    generator = torch.Generator().manual_seed(2)
+    outputs = _with_readout_maps(make_outputs(targets, num_stages=2, box_noise=1.0),
+                                 lambda stage: torch.randn(3, K, 196, generator=generator))  # fmt: skip
+    flow = RealNVP()
+    losses = SetCriterion(readout_map_weight=0.5)(outputs, targets, SIZES, flow)
+    assert {"loss_readout_s0", "loss_readout_s1"} <= set(losses)
+    without = SetCriterion()(outputs, targets, SIZES, flow)
+    assert "loss_readout_s0" not in without
+    added = 0.5 * (losses["loss_readout_s0"] + losses["loss_readout_s1"])
+    assert losses["loss"].item() == pytest.approx((without["loss"] + added).item(), rel=1e-5)
+
+    stage = outputs["stages"][0]
+    gt = torch.cat([targets[0]["keypoints"][[1, 0]], targets[1]["keypoints"][[0]]])  # matched order
+    expected = 0.0
+    for t in range(3):
+        x1, y1, x2, y2 = stage["keypoint_boxes"][t].tolist()
+        for k in range(K):
+            x, y, v = gt[t, k].tolist()
+            if v == 0 or not (x1 <= x <= x2 and y1 <= y <= y2):
+                continue
+            column, row = (x - x1) / (x2 - x1) * 14, (y - y1) / (y2 - y1) * 14  # in cells
+            log_p = stage["keypoint_readout_logits"][t, k].detach().log_softmax(0)
+            weights = torch.tensor([math.exp(-((c + 0.5 - column) ** 2 + (r + 0.5 - row) ** 2) / 2)
+                                    for r in range(14) for c in range(14)])  # fmt: skip
+            expected -= float((weights / weights.sum() * log_p).sum())
+    assert losses["loss_readout_s0"].item() == pytest.approx(expected / (3 * K), rel=1e-5)
+
+
+def test_readout_map_term_is_lowest_for_maps_on_the_keypoints_and_trains_them():
+    targets = make_targets()
+    outputs = make_outputs(targets, num_stages=1)
+    stage = outputs["stages"][0]
+    gt = torch.cat([targets[0]["keypoints"][[1, 0]], targets[1]["keypoints"][[0]]])
+    relative = encode_keypoints(gt[..., :2], stage["keypoint_boxes"])  # (3, K, 2)
+    cells = ((relative + 0.5) * 14).floor().clamp(0, 13).long()
+    rows, columns = torch.arange(196) // 14, torch.arange(196) % 14
+
+    def peaked_at(row, column):  # (3, K, 196) log-Gaussian maps around the given cells
+        return -((rows - row[..., None]) ** 2 + (columns - column[..., None]) ** 2) / 2.0
+
+    on_target = peaked_at(cells[..., 1], cells[..., 0])
+    off_target = peaked_at((cells[..., 1] + 3) % 14, (cells[..., 0] + 3) % 14)  # every peak three cells away
+    criterion = SetCriterion(readout_map_weight=1.0)
+
+    def term(logits):
+        maps = _with_readout_maps(make_outputs(targets, num_stages=1), lambda _: logits.clone())
+        return criterion(maps, targets, SIZES, RealNVP())["loss_readout_s0"], maps["stages"][0]
+
+    good, _ = term(on_target)
+    bad, bad_stage = term(off_target)
+    assert good.item() < 0.5 * bad.item()
+    bad.backward()
+    gradient = bad_stage["keypoint_readout_logits"].grad
+    labelled = gt[..., 2] > 0
+    target_cell = (cells[..., 1] * 14 + cells[..., 0])[labelled]
+    # descending the gradient raises the logit of the keypoint's own cell and ignores unlabelled keypoints
+    assert (gradient[labelled].gather(-1, target_cell[:, None]) < 0).all()
+    assert (gradient[~labelled] == 0).all()
+
+
+def test_readout_map_weight_needs_the_soft_argmax_readout():
+    with pytest.raises(ValueError, match="model.readout_map_weight=0.5 trains the soft-argmax readout"):
+        ModelConfig(readout_map_weight=0.5)
+    with pytest.raises(ValueError, match="model.readout_map_weight: must be >= 0"):
+        ModelConfig(keypoint_readout="soft_argmax", readout_map_weight=-1.0)

@@ -27,10 +27,11 @@ from querypose.weights import save_weights
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "experiments"))
 # With the learning benchmark's switches beyond the paper (grid proposals, SPEGM coordinates, the soft-argmax
-# readout), so that the graph holds them too.
+# readout with its peak window), so that the graph holds them too.
 TINY = ModelConfig(backbone="resnet10t", hidden_dim=32, ffn_dim=64, dynamic_dim=8, tower_channels=32, tower_convs=1,
                    num_queries=5, num_stages=1, part_dim=32, test_short_side=128, test_max_size=192,
-                   init_boxes="grid", roi_coordinates="spegm", keypoint_readout="soft_argmax")  # fmt: skip
+                   init_boxes="grid", roi_coordinates="spegm", keypoint_readout="soft_argmax",
+                   readout_peak_window=2)  # fmt: skip
 OUTPUTS = ("boxes", "keypoints", "keypoint_sigmas", "scores")
 
 

@@ -7,6 +7,7 @@ from torch import nn
 
 from querypose import ModelConfig, build_model
 from querypose.attention import MultiHeadAttention
+from querypose.box_ops import coordinate_grid
 from querypose.criterion import SetCriterion
 from querypose.engine import train_step
 from querypose.interactions import DynamicConv
@@ -565,9 +566,10 @@ def test_soft_argmax_readout_is_the_attended_cells_position():
         readout.keys[part_slot, 0, 0] = 1.0
     queries = torch.zeros(1, len(COCO.parts("rigid7")), 2)
     queries[..., 0] = 1.0
-    positions = readout(queries, tokens)  # (1, 17, 2)
+    positions, logits = readout(queries, tokens)  # (1, 17, 2), (1, 17, 196)
     cell = lambda i: (i + 0.5) / size - 0.5  # noqa: E731
-    assert positions.shape == (1, 17, 2)
+    assert positions.shape == (1, 17, 2) and logits.shape == (1, 17, size * size)
+    assert int(logits[0, left_wrist].argmax()) == 3 * size + 10  # the maps come in keypoint order too
     assert torch.allclose(positions[0, left_wrist], torch.tensor([cell(10), cell(3)]), atol=1e-5)
     others = torch.cat([positions[0, :left_wrist], positions[0, left_wrist + 1 :]])
     assert torch.allclose(others, torch.zeros_like(others), atol=1e-6)
@@ -584,3 +586,52 @@ def test_soft_argmax_readout_starts_as_the_pure_soft_argmax(query_type):
     assert out["mu"].shape == (1, 17, 2)
     assert out["mu"].abs().max() < 0.5  # expected cell centres of a 14x14 RoI lie within (-0.5, 0.5)
     assert out["mu"].std() > 1e-4  # and depend on the keypoint
+
+
+@pytest.mark.parametrize("training_queries", ["matched", "all"])
+@pytest.mark.parametrize("query_type", ["part", "instance"])
+def test_soft_argmax_training_outputs_carry_the_matched_rows_readout_maps(training_queries, query_type):
+    """The readout maps the criterion's model.readout_map_weight term trains: one (K, 196) map per matched query
+    per stage, in the matched order of keypoint_mu, on both keypoint-training paths."""
+    change = {"query_type": "instance", "interaction": "mhsa", "iteration": "none"} if query_type == "instance" else {}
+    cfg = dataclasses.replace(TINY, keypoint_readout="soft_argmax", readout_map_weight=1.0,
+                              keypoint_training_queries=training_queries, **change)  # fmt: skip
+    model = build_model(cfg)
+    images, image_sizes, targets = _batch()
+    outputs = model(images, image_sizes, targets)
+    for stage in outputs["stages"]:
+        matched = sum(len(pred) for pred, _ in stage["indices"])
+        assert stage["keypoint_readout_logits"].shape == (matched, 17, 196)
+        positions = stage["keypoint_readout_logits"].softmax(-1) @ coordinate_grid(14, images).flatten(2)[0].T
+        # with the residual head at zero the soft-argmax of these maps is the predicted position itself
+        assert torch.allclose(positions, stage["keypoint_mu"], atol=1e-5)
+
+
+def test_readout_peak_window_reads_the_peak_of_a_two_mode_map_at_inference_only():
+    """model.readout_peak_window: a map split between two cells (the stronger at row 3, column 10) reads a point
+    between them over the whole RoI, and the stronger cell's centre within a window around the peak; training
+    keeps the whole-RoI expectation the RLE and map losses were written for."""
+    readout = SoftArgmaxReadout.for_instance(dim=2, num_keypoints=1, peak_window=1)
+    size = 14
+    tokens = torch.zeros(1, size * size, 2)
+    tokens[0, 3 * size + 10, 0] = 30.0
+    tokens[0, 11 * size + 2, 0] = 29.0  # a second mode far away
+    with torch.no_grad():
+        readout.keys.zero_()
+        readout.keys[0, 0, 0] = 1.0
+    queries = torch.tensor([[[1.0, 0.0]]])  # (1, 1, 2)
+    cell = lambda i: (i + 0.5) / size - 0.5  # noqa: E731
+    peak = torch.tensor([cell(10), cell(3)])
+    whole, _ = readout.train()(queries, tokens)
+    windowed, _ = readout.eval()(queries, tokens)
+    assert torch.allclose(windowed[0, 0], peak, atol=1e-4)
+    assert (whole[0, 0] - peak).norm() > 0.1  # pulled towards the second mode
+    readout.peak_window = 0
+    assert torch.allclose(readout(queries, tokens)[0], whole)
+
+
+def test_readout_peak_window_needs_the_soft_argmax_readout():
+    with pytest.raises(ValueError, match="model.readout_peak_window=2 windows the soft-argmax readout"):
+        ModelConfig(readout_peak_window=2)
+    with pytest.raises(ValueError, match="model.readout_peak_window: must be >= 0"):
+        ModelConfig(keypoint_readout="soft_argmax", readout_peak_window=-1)
