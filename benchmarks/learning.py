@@ -77,6 +77,7 @@ SMALL = {
         "train_max_size": 224,
         "crop_resize_sides": [144, 160],
         "crop_size": [112, 144],
+        "flip_prob": 0.0,  # the synthetic people's sides are coloured: a flip would contradict its swapped labels
     },
     "train": {
         "max_iters": 1_000_000,  # the time budget stops training
@@ -96,7 +97,7 @@ ISSUE13_OVERRIDES = [
     "data.train_short_sides=[192,208,224,240,256]", "data.train_max_size=320", "data.crop_resize_sides=[224,256]",
     "data.crop_size=[160,224]", "model.test_short_side=224", "model.test_max_size=320", "model.init_boxes=image",
     "model.roi_coordinates=none", "model.keypoint_readout=regression", "model.aux_heatmap=false",
-    "model.instance_pipeline=serial", "train.lr_steps=[]",
+    "model.instance_pipeline=serial", "train.lr_steps=[]", "data.flip_prob=0.5",
 ]  # fmt: skip
 
 

@@ -168,3 +168,30 @@ def test_command_line(tmp_path):
     assert len(list((tmp_path / "d" / "images").glob("*.jpg"))) == 3
     again = subprocess.run(script, capture_output=True, text=True, cwd=repo)
     assert again.returncode == 2 and "not empty" in again.stderr
+
+
+def test_a_flip_contradicts_the_synthetic_sides_so_the_synthetic_configs_train_without_it():
+    """hflip swaps the left and right labels (right for photos, where sides look alike); a synthetic figure's
+    sides differ by colour, so after the flip the visible keypoints no longer sit on their own marker colour. The
+    shipped synthetic configs therefore set data.flip_prob 0 (FIDELITY.md row 17)."""
+    from querypose.transforms import hflip
+    from querypose_platform.config import load_config
+
+    rng = np.random.default_rng(3)
+    on_marker = {"plain": [], "flipped": []}
+    for _ in range(10):
+        image, people = render_sample(rng, COCO, 224, 224)
+        keypoints = np.stack([np.array(p["keypoints"], np.float32).reshape(-1, 3) for p in people])
+        keypoints[..., :2] += 0.5  # continuous coordinates, as the loaders produce them
+        sample = {"image": image, "boxes": np.zeros((len(people), 4), np.float32), "keypoints": keypoints}
+        for name, case in (("plain", sample), ("flipped", hflip(sample, COCO.flip_index))):
+            for person in case["keypoints"]:
+                for keypoint, (x, y, v) in zip(COCO.keypoint_names, person, strict=True):
+                    if v == 2 and keypoint not in synthetic.SMALL_MARKERS:
+                        pixel = case["image"][int(y), int(x)].astype(int)
+                        on_marker[name].append(np.abs(pixel - np.array(synthetic.MARKERS[keypoint])).max() < 60)
+    assert np.mean(on_marker["plain"]) > 0.8 and np.mean(on_marker["flipped"]) < 0.2
+
+    configs = Path(__file__).resolve().parents[1] / "experiments" / "configs"
+    for name in ("synthetic.yaml", "ablation_synthetic.yaml", "quadruped_synthetic.yaml"):
+        assert load_config(configs / name).data.flip_prob == 0.0, name
