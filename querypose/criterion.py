@@ -94,10 +94,9 @@ class SetCriterion(nn.Module):
             }
             if self.weights["readout"] > 0 and "keypoint_readout_logits" in stage:
                 terms["readout"] = self.loss_readout_map(stage, matched)
-            terms["rle"] = terms["rle"] / num_keypoints
-            if "readout" in terms:
-                terms["readout"] = terms["readout"] / num_keypoints
             for name, value in terms.items():
+                if name in ("rle", "readout"):  # means per keypoint, as the authors' RLE normaliser
+                    value = value / num_keypoints
                 losses[f"loss_{name}_s{s}"] = value / num_people
                 total = total + self.weights[name] * losses[f"loss_{name}_s{s}"]
         if "heatmap" in outputs:
