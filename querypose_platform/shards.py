@@ -364,24 +364,29 @@ def ensure_synthetic_shards(cfg: ExperimentConfig) -> None:
     spec = cfg.model.spec
     splits = ((cfg.data.train_split, settings.train_images, settings.seed),
               (cfg.data.val_split, settings.val_images, settings.seed + 1))  # fmt: skip  # val: held-out people
+    # The generated images are converted from a local folder: beside a local root, else in the node's cache.
+    raw_root = cache_dir() / "synthetic" if is_uri(cfg.data.root) else Path(cfg.data.root).parent / "raw"
     for split, count, seed in splits:
         uri = cfg.data.split_uri(split)
         name = settings.folder_name(spec.name, split, count, seed)
+        raw = raw_root / name
         if has_manifest(uri):
-            converted_from = Path(read_manifest(uri).get("source", {}).get("annotations", "")).parent.name
-            if converted_from != name:
+            source = Path(read_manifest(uri).get("source", {}).get("annotations", "")).parent
+            if source.name == name:
+                continue
+            if source.parent.resolve() != raw_root.resolve():
                 warnings.warn(
-                    f"{uri} holds shards converted from {converted_from!r}, not from the synthetic set that "
+                    f"{uri} holds shards converted from {source.name!r}, not from the synthetic set that "
                     f"data.synthetic describes ({name!r}); training uses the shards as they are. Delete {uri} "
                     "(or set another data.root) to generate the described set.",
                     stacklevel=2,
                 )
-            continue
-        # The generated images are converted from a local folder: beside a local root, else in the node's cache.
-        raw_root = cache_dir() / "synthetic" if is_uri(cfg.data.root) else Path(cfg.data.root).parent / "raw"
-        raw = raw_root / name
+                continue
+            # Shards this function made from another generated set (the YAML's data.synthetic changed since):
+            # rebuilt from the described set; the old set's generated images stay in raw_root.
+            print(f"[synthetic] {uri} was converted from {source.name!r}; rebuilding it from {name!r}")
         if not (raw / "annotations.json").is_file():
             write_synthetic_dataset(
                 raw, count, dataset=spec, seed=seed, image_size=settings.image_size, max_people=settings.max_people
             )
-        convert(spec, raw / "annotations.json", raw / "images", uri)
+        convert(spec, raw / "annotations.json", raw / "images", uri, overwrite=True)

@@ -63,17 +63,25 @@ def same_sample(a: dict, b: dict) -> bool:
     )
 
 
-def test_shards_of_other_synthetic_settings_are_named_not_silently_reused(data_root):
-    same = load_config(None, [*SETTINGS, f"data.root={data_root}"])
+def test_generated_shards_follow_the_synthetic_settings_and_foreign_shards_are_named_not_replaced(tmp_path):
+    root = tmp_path / "synthetic" / "shards"
+    ensure_synthetic_shards(load_config(None, [*SETTINGS, f"data.root={root}"]))
+    more_val = load_config(None, [*SETTINGS, f"data.root={root}", "data.synthetic.val_images=4"])
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        ensure_synthetic_shards(same)
-    other = load_config(None, [*SETTINGS, f"data.root={data_root}", "data.synthetic.max_people=2"])
-    with pytest.warns(UserWarning, match=r"converted from 'coco_train_6x96_s0', not .* \('coco_train_6x96_s0_p2'\)"):
+        ensure_synthetic_shards(more_val)  # the YAML's data.synthetic changed: its own shards are rebuilt
+    assert read_manifest(str(root / "val"))["num_images"] == 4
+    assert read_manifest(str(root / "val"))["source"]["annotations"].endswith("coco_val_4x96_s1/annotations.json")
+    assert read_manifest(str(root / "train"))["source"]["annotations"].endswith("coco_train_6x96_s0/annotations.json")
+    assert (tmp_path / "synthetic" / "raw" / "coco_val_3x96_s1" / "annotations.json").is_file()  # kept
+
+    foreign = tmp_path / "elsewhere"  # shards a user converted into data.root from their own files
+    write_synthetic_dataset(foreign, 2, image_size=96, seed=5)
+    convert("coco", foreign / "annotations.json", foreign / "images", str(root / "train"), overwrite=True)
+    other = load_config(None, [*SETTINGS, f"data.root={root}", "data.synthetic.max_people=2"])
+    with pytest.warns(UserWarning, match=r"converted from 'elsewhere', not .* \('coco_train_6x96_s0_p2'\)"):
         ensure_synthetic_shards(other)
-    assert read_manifest(str(data_root / "train"))["source"]["annotations"].endswith(
-        "coco_train_6x96_s0/annotations.json"
-    )
+    assert read_manifest(str(root / "train"))["num_images"] == 2
 
 
 def test_each_epoch_augments_anew_and_the_seed_reproduces_it(ray_local, data_root):
